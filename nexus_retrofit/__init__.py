@@ -1,0 +1,10 @@
+"""nexus-retrofit: upgrade pretrained LLMs to Nexus higher-order attention (arXiv 2512.03377)."""
+
+from .converter import convert
+from .modeling import FAMILIES, NexusConfig
+
+__version__ = "0.1.0"
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+__all__ = ["NexusConfig", "SUPPORTED_MODEL_TYPES", "__version__", "convert"]

@@ -1,0 +1,30 @@
+"""The `nexus-retrofit` command line: convert -> train -> eval -> push (typer + rich).
+
+Each command lives in nexus_retrofit/commands/<name>.py and imports its heavy dependencies
+(torch, transformers, vllm) inside the function, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from .commands import convert as convert_commands
+
+app = typer.Typer(
+    name="nexus-retrofit",
+    help="Upgrade pretrained LLMs to Nexus higher-order attention, fine-tune, evaluate and publish them.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+app.command("convert")(convert_commands.convert)
+app.command("inspect")(convert_commands.inspect)
+# --- commands registered by other modules (one line each) ---
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
