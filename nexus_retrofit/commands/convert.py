@@ -1,0 +1,114 @@
+"""`nexus-retrofit convert` and `nexus-retrofit inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a clear error and return the exit to raise (exit code 2, like a usage error)."""
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def convert(
+    source: str = typer.Argument(..., help="Base model: a local folder or a Hugging Face Hub id."),
+    output: Path = typer.Argument(..., help="Folder to write the Nexus checkpoint to."),
+    order: int = typer.Option(2, "--order", help="Attention order m (1 = standard attention)."),
+    proj: str = typer.Option("qk", "--proj", help="Refined projections: q, qk or qkv."),
+    inner: str = typer.Option("separate", "--inner", help="Inner attention: separate, shared or self."),
+    gate: str = typer.Option("zero", "--gate", help="zero (function-preserving) or none (the paper's form)."),
+    inner_init: str = typer.Option("random", "--inner-init", help="random or copy (separate only)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the new inner weights."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision of SOURCE."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow SOURCE's own code (off)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
+) -> None:
+    """Convert a Qwen2/Qwen2.5/Qwen3/Llama/Mistral checkpoint to Nexus attention."""
+    import torch
+
+    from ..checkpoint import atomic_dir, check_output_dir, load_causal_lm, save_tokenizer_files
+    from ..converter import convert as convert_model
+    from ..modeling import NexusConfig
+
+    try:  # validate everything before loading gigabytes
+        settings = NexusConfig(order=order, projections=proj, inner=inner, gate=gate, inner_init=inner_init)
+        check_output_dir(output, overwrite)
+        from ..checkpoint import torch_dtype
+
+        torch_dtype(dtype)
+    except (ValueError, FileExistsError) as e:
+        raise fail(str(e)) from None
+
+    with console.status(f"loading {source} ..."):
+        try:
+            model = load_causal_lm(source, dtype, trust_remote_code, revision)
+        except (OSError, ValueError, FileNotFoundError) as e:
+            raise fail(f"could not load {source}: {e}") from None
+    torch.manual_seed(seed)
+    try:
+        model = convert_model(model, settings)
+    except (ValueError, TypeError) as e:
+        raise fail(str(e)) from None
+    with console.status(f"writing {output} ..."), atomic_dir(output, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        has_tokenizer = save_tokenizer_files(source, tmp, trust_remote_code, revision)
+    console.print(f"[green]wrote[/] {output} ({type(model).__name__}, {settings})")
+    if not has_tokenizer:
+        console.print("[yellow]note:[/] the source has no tokenizer files; none were copied")
+    _print_inspection(output)
+
+
+def inspect(
+    path: Path = typer.Argument(..., help="A checkpoint folder (Nexus or base)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Architecture, Nexus settings, parameters, attention calls and KV-cache cost of a checkpoint."""
+    try:
+        _print_inspection(path, as_json)
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e)) from None
+
+
+def _print_inspection(path: Path, as_json: bool = False) -> None:
+    from ..inspection import inspect_checkpoint, inspection_json
+
+    report = inspect_checkpoint(path)
+    if as_json:
+        print(inspection_json(report))
+        return
+    table = Table(title=f"{report.architecture}  ({report.path})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model type", report.model_type)
+    table.add_row("nexus", str(report.nexus) if report.nexus else "not a Nexus model")
+    table.add_row(
+        "layout",
+        f"{report.num_layers} layers, hidden {report.hidden_size}, {report.num_heads} heads, "
+        f"{report.num_kv_heads} KV heads, head_dim {report.head_dim}",
+    )
+    if report.params_total is not None:
+        added_pct = 100 * report.params_added / max(report.params_base, 1)
+        table.add_row("parameters", f"{report.params_total:,} total = {report.params_base:,} base + "
+                      f"{report.params_added:,} Nexus ({added_pct:.2f}%)")
+    table.add_row(
+        "attention calls / layer",
+        f"{report.distinct_attention_calls} distinct (paper counts {report.paper_attention_calls}), "
+        f"run as {report.kernel_calls} fused kernel call(s)",
+    )
+    slots = ", ".join(f"{s.name} ({s.kv_heads} heads)" for s in report.cache_slots)
+    table.add_row("KV cache / layer", slots)
+    per_token = report.cache_bytes_per_token("bfloat16")
+    table.add_row(
+        "KV cache size",
+        f"{report.cache_ratio:.2f}x the base model; {per_token / 1024:.1f} KiB/token in bf16, "
+        f"{per_token * 32768 / 2**30:.2f} GiB for one 32k-token sequence",
+    )
+    Console().print(table)
