@@ -55,10 +55,13 @@ def torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def load_causal_lm(source: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None):
+def load_causal_lm(
+    source: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None
+):
     """Load a causal LM from a local folder or a Hub id. Never enables remote code by itself."""
-    import nexus_retrofit.modeling  # noqa: F401  (registers the Nexus classes: no remote code needed)
     from transformers import AutoModelForCausalLM
+
+    import nexus_retrofit.modeling  # noqa: F401  (registers the Nexus classes: no remote code needed)
 
     if not Path(source).exists() and source.count("/") > 1:
         raise FileNotFoundError(f"source {source!r} is neither a local folder nor a Hub id (org/name)")
@@ -67,12 +70,16 @@ def load_causal_lm(source: str, dtype: str = "auto", trust_remote_code: bool = F
     )
 
 
-def save_tokenizer_files(source: str, target: Path, trust_remote_code: bool = False, revision: str | None = None) -> bool:
+def save_tokenizer_files(
+    source: str, target: Path, trust_remote_code: bool = False, revision: str | None = None
+) -> bool:
     """Copy the source's tokenizer (and chat template) into `target`; False if it has none."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, revision=revision
+        )
     except (OSError, ValueError, TypeError):
         return False
     tokenizer.save_pretrained(target)

@@ -37,7 +37,9 @@ def _check_convertible(model: nn.Module) -> str:
             f"{', '.join(FAMILIES)}"
         )
     expected = next(  # the family's own causal LM, e.g. Qwen2ForCausalLM
-        c for c in FAMILIES[model_type][1].__mro__[1:] if issubclass(c, PreTrainedModel) and "Nexus" not in c.__name__
+        c
+        for c in FAMILIES[model_type][1].__mro__[1:]
+        if issubclass(c, PreTrainedModel) and "Nexus" not in c.__name__
     )
     if not isinstance(model, expected):
         raise ValueError(

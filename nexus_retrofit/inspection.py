@@ -54,8 +54,11 @@ class Inspection:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(params_base=self.params_base, cache_ratio=self.cache_ratio,
-                 cache_bytes_per_token_bf16=self.cache_bytes_per_token())
+        d.update(
+            params_base=self.params_base,
+            cache_ratio=self.cache_ratio,
+            cache_bytes_per_token_bf16=self.cache_bytes_per_token(),
+        )
         return d
 
 
@@ -130,8 +133,9 @@ def inspect_config(config, params: tuple[int, int] | None = None, path: str = ""
 
 def inspect_checkpoint(path: str | Path) -> Inspection:
     """Inspect a local checkpoint folder without loading its weights."""
-    import nexus_retrofit.modeling  # noqa: F401  (registers the Nexus configs)
     from transformers import AutoConfig
+
+    import nexus_retrofit.modeling  # noqa: F401  (registers the Nexus configs)
 
     folder = Path(path)
     if not (folder / "config.json").is_file():

@@ -59,3 +59,18 @@ def perturb_nexus(model, scale: float = 0.5, seed: int = 1) -> None:
 def ids():
     torch.manual_seed(123)
     return torch.randint(1, VOCAB, (2, 11))
+
+
+def save_tiny_base(folder, family: str = "qwen2") -> None:
+    """A tiny base checkpoint with a word-level tokenizer and a chat template, as on the Hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_base_model(family)
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

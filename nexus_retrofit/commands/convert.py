@@ -28,7 +28,9 @@ def convert(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     seed: int = typer.Option(0, "--seed", help="Seed for the new inner weights."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of SOURCE."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow SOURCE's own code (off)."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow SOURCE's own code (off)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
 ) -> None:
     """Convert a Qwen2/Qwen2.5/Qwen3/Llama/Mistral checkpoint to Nexus attention."""
@@ -96,8 +98,11 @@ def _print_inspection(path: Path, as_json: bool = False) -> None:
     )
     if report.params_total is not None:
         added_pct = 100 * report.params_added / max(report.params_base, 1)
-        table.add_row("parameters", f"{report.params_total:,} total = {report.params_base:,} base + "
-                      f"{report.params_added:,} Nexus ({added_pct:.2f}%)")
+        table.add_row(
+            "parameters",
+            f"{report.params_total:,} total = {report.params_base:,} base + "
+            f"{report.params_added:,} Nexus ({added_pct:.2f}%)",
+        )
     table.add_row(
         "attention calls / layer",
         f"{report.distinct_attention_calls} distinct (paper counts {report.paper_attention_calls}), "

@@ -58,7 +58,9 @@ class NexusConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
-            raise ValueError(f"NexusConfig.order must be an integer >= 1 (1 = standard attention), got {self.order!r}")
+            raise ValueError(
+                f"NexusConfig.order must be an integer >= 1 (1 = standard attention), got {self.order!r}"
+            )
         object.__setattr__(self, "projections", _parse_projections(self.projections))
         for field, allowed in (("inner", INNER_KINDS), ("gate", GATE_KINDS), ("inner_init", INNER_INITS)):
             value = getattr(self, field)

@@ -85,7 +85,9 @@ class NexusAttentionMixin:
         self.num_kv_heads = config.num_key_value_heads
         if nexus.inner == "separate" and nexus.levels > 0:
             # Sec. 4.4: one full attention module per refined projection, same head layout and RoPE.
-            self.inner = nn.ModuleDict({p: self.base_attention_class(config, layer_idx) for p in nexus.projections})
+            self.inner = nn.ModuleDict(
+                {p: self.base_attention_class(config, layer_idx) for p in nexus.projections}
+            )
         if nexus.gate == "zero" and nexus.levels > 0:
             self.gates = nn.ParameterDict(
                 {p: nn.Parameter(torch.zeros(self._gate_width(p))) for p in nexus.projections}
@@ -105,7 +107,9 @@ class NexusAttentionMixin:
         return getattr(self.config, "sliding_window", None)  # Mistral reads it from the config
 
     def _attention_interface(self) -> Callable:
-        return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention_forward)
+        return ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, _eager_attention_forward
+        )
 
     def _cache_slot(self, level: int) -> int:
         """Cache index of inner level `level` (1-based): after the real layers, one slot per level."""
@@ -115,7 +119,9 @@ class NexusAttentionMixin:
         """`cache.update` for an inner slot, first appending empty layers like the layer's own."""
         layers = getattr(cache, "layers", None)
         if layers is None:
-            raise NotImplementedError(f"Nexus attention needs a layered transformers Cache, got {type(cache).__name__}")
+            raise NotImplementedError(
+                f"Nexus attention needs a layered transformers Cache, got {type(cache).__name__}"
+            )
         while len(layers) <= slot:
             own = layers[self.layer_idx] if self.layer_idx < len(layers) else DynamicLayer()
             if isinstance(own, DynamicSlidingWindowLayer):
@@ -184,7 +190,14 @@ class NexusAttentionMixin:
         k = _rope(torch.cat(ks, dim=1), cos, sin)
         v = torch.cat(vs, dim=1)
         out, _ = self._attend(
-            q, k, v, attention_mask, past_key_values, self._cache_slot(level), self.num_key_value_groups, **kwargs
+            q,
+            k,
+            v,
+            attention_mask,
+            past_key_values,
+            self._cache_slot(level),
+            self.num_key_value_groups,
+            **kwargs,
         )
         outs = out.chunk(len(modules), dim=2)  # (B, n, H, d) per module
         ys = [m.o_proj(o.reshape(*x.shape[:-1], -1)) for m, o in zip(modules, outs)]
@@ -200,7 +213,9 @@ class NexusAttentionMixin:
         ps = self.nexus.projections
         z = torch.cat([heads[p] for p in ps], dim=1)  # (B, H + Hkv [+ Hkv], n, d)
         rz = _rope(z, cos, sin)
-        out, _ = self._attend(rz, rz, z, attention_mask, past_key_values, self._cache_slot(level), 1, **kwargs)
+        out, _ = self._attend(
+            rz, rz, z, attention_mask, past_key_values, self._cache_slot(level), 1, **kwargs
+        )
         out = out.transpose(1, 2)  # (B, heads, n, d)
         refined = dict(heads)
         for p, o in zip(ps, out.split([self._heads(p) for p in ps], dim=1)):
@@ -224,12 +239,16 @@ class NexusAttentionMixin:
             base = {"q": q, "k": k, "v": v}
             heads = base
             for level in levels:
-                heads = self._refine_heads(base, heads, level, cos, sin, attention_mask, past_key_values, **kwargs)
+                heads = self._refine_heads(
+                    base, heads, level, cos, sin, attention_mask, past_key_values, **kwargs
+                )
             q, k, v = heads["q"], heads["k"], heads["v"]
         else:
             inputs = {"q": x, "k": x, "v": x}
             for level in levels:
-                inputs = self._refine_inputs(x, inputs, level, cos, sin, attention_mask, past_key_values, **kwargs)
+                inputs = self._refine_inputs(
+                    x, inputs, level, cos, sin, attention_mask, past_key_values, **kwargs
+                )
             q, k, v = self._project(self, inputs["q"], inputs["k"], inputs["v"])
         # Outer attention: exactly the base layer's computation on the refined Q/K/V.
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)

@@ -67,7 +67,9 @@ CACHE_CASES = [
 
 
 def _nexus_model(family, inner, order, proj, gate, attn="eager"):
-    model = convert(tiny_base_model(family, attn=attn), NexusConfig(order=order, projections=proj, inner=inner, gate=gate))
+    model = convert(
+        tiny_base_model(family, attn=attn), NexusConfig(order=order, projections=proj, inner=inner, gate=gate)
+    )
     perturb_nexus(model)
     return model
 
@@ -85,9 +87,21 @@ def test_incremental_decoding_matches_full_forward(family, inner, order, proj, g
 
     cache = DynamicCache(config=model.config)  # what generate() creates: exactly num_hidden_layers layers
     prefix = 4
-    steps = [_logits(model, ids[:, :prefix], attention_mask=mask[:, :prefix], past_key_values=cache, use_cache=True)]
+    steps = [
+        _logits(
+            model, ids[:, :prefix], attention_mask=mask[:, :prefix], past_key_values=cache, use_cache=True
+        )
+    ]
     for t in range(prefix, ids.shape[1]):
-        steps.append(_logits(model, ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True))
+        steps.append(
+            _logits(
+                model,
+                ids[:, t : t + 1],
+                attention_mask=mask[:, : t + 1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        )
     incremental = torch.cat(steps, dim=1)
     valid = mask.bool()
     assert torch.isfinite(full).all() and torch.isfinite(incremental).all()
@@ -114,7 +128,9 @@ def test_padding_rows_stay_finite():
     model = _nexus_model("qwen2", "self", 3, "qkv", "none", attn="sdpa")
     ids = torch.tensor([[0, 0, 0, 0, 5, 6], [1, 2, 3, 4, 5, 6]])
     hidden = []
-    model.model.layers[-1].register_forward_hook(lambda m, i, o: hidden.append(o[0] if isinstance(o, tuple) else o))
+    model.model.layers[-1].register_forward_hook(
+        lambda m, i, o: hidden.append(o[0] if isinstance(o, tuple) else o)
+    )
     _logits(model, ids, attention_mask=(ids != 0).long())
     assert torch.isfinite(hidden[0]).all()
 
@@ -176,7 +192,9 @@ def _added(model) -> int:
 
 
 def _attention_params(model) -> int:
-    return sum(p.numel() for p in model.model.layers[0].self_attn.base_attention_class(model.config, 0).parameters())
+    return sum(
+        p.numel() for p in model.model.layers[0].self_attn.base_attention_class(model.config, 0).parameters()
+    )
 
 
 @pytest.mark.parametrize("proj", ("q", "qk", "qkv"))
@@ -186,11 +204,15 @@ def test_parameter_counts(proj):
     width = {"q": heads * hd, "k": kv * hd, "v": kv * hd}
     counts = {}
     for inner, gate, order in itertools.product(INNERS, ("zero", "none"), (2, 3)):
-        model = convert(tiny_base_model("qwen2"), NexusConfig(order=order, projections=proj, inner=inner, gate=gate))
+        model = convert(
+            tiny_base_model("qwen2"), NexusConfig(order=order, projections=proj, inner=inner, gate=gate)
+        )
         counts[inner, gate, order] = _added(model)
-        gates = 0 if gate == "none" else (
-            sum(width[p] for p in proj) if inner == "self" else hidden * len(proj)
-        ) * layers
+        gates = (
+            0
+            if gate == "none"
+            else (sum(width[p] for p in proj) if inner == "self" else hidden * len(proj)) * layers
+        )
         modules = len(proj) * layers * _attention_params(model) if inner == "separate" else 0
         assert counts[inner, gate, order] == gates + modules, (inner, gate, order)
     for inner, gate in itertools.product(INNERS, ("zero", "none")):
@@ -208,7 +230,9 @@ def test_order_one_adds_nothing(ids):
 def test_one_step_moves_gates_then_inner_weights(inner):
     model = convert(tiny_base_model("qwen2"), NexusConfig(order=2, inner=inner)).train()
     gates = {n: p for n, p in model.named_parameters() if ".gates." in n}
-    inner_w = {n: p for n, p in model.named_parameters() if ".inner." in n or n.endswith("self_attn.q_proj.weight")}
+    inner_w = {
+        n: p for n, p in model.named_parameters() if ".inner." in n or n.endswith("self_attn.q_proj.weight")
+    }
     snapshot = lambda ps: {n: p.detach().clone() for n, p in ps.items()}  # noqa: E731
     # Adam with a negligible eps: updates follow the sign of the gradient, so a gradient that is
     # exactly zero (inner weights behind g = 0) gives no update, and a tiny non-zero one does.
@@ -229,7 +253,9 @@ def test_one_step_moves_gates_then_inner_weights(inner):
     w1 = snapshot(inner_w)
     step()
     changed = [n for n, p in inner_w.items() if not torch.equal(w1[n], p)]
-    assert changed and all(not torch.equal(w1[n], p) for n, p in inner_w.items() if ".inner." in n and "weight" in n)
+    assert changed and all(
+        not torch.equal(w1[n], p) for n, p in inner_w.items() if ".inner." in n and "weight" in n
+    )
 
 
 def test_gradient_checkpointing_matches(ids):

@@ -1,0 +1,80 @@
+"""NexusConfig validation: every bad value names its field and the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from nexus_retrofit import NexusConfig, convert
+from nexus_retrofit.modeling import NexusQwen2Config
+from tests.conftest import tiny_base_model
+
+
+def test_defaults_match_the_paper_retrofit():
+    cfg = NexusConfig()
+    assert (cfg.order, cfg.projections, cfg.inner, cfg.gate, cfg.inner_init) == (
+        2,
+        ("q", "k"),
+        "separate",
+        "zero",
+        "random",
+    )
+
+
+@pytest.mark.parametrize("spelling", ["kq", "q,k", ["k", "q"], ("q", "k"), "QK"])
+def test_projection_spellings_are_canonical(spelling):
+    assert NexusConfig(projections=spelling).projections == ("q", "k")
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(order=0), "order"),
+        (dict(order=2.0), "order"),
+        (dict(order=True), "order"),
+        (dict(projections=""), "projections"),
+        (dict(projections="qq"), "projections"),
+        (dict(projections=("q", "o")), "projections"),
+        (dict(inner="cross"), "inner"),
+        (dict(gate="sigmoid"), "gate"),
+        (dict(inner_init="xavier"), "inner_init"),
+        (dict(inner="shared", inner_init="copy"), "inner_init"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"NexusConfig.{field}"):
+        NexusConfig(**kwargs)
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValueError, match=r"unknown Nexus setting\(s\) \['ordre'\]"):
+        NexusConfig.from_dict({"ordre": 2})
+
+
+@pytest.mark.parametrize(
+    "order,inner,proj,calls",
+    [
+        (1, "separate", "qk", 1),
+        (2, "separate", "qk", 3),
+        (3, "separate", "qk", 5),
+        (3, "shared", "qkv", 3),
+        (3, "self", "qkv", 7),
+    ],
+)
+def test_distinct_attention_calls(order, inner, proj, calls):
+    cfg = NexusConfig(order=order, inner=inner, projections=proj)
+    assert cfg.distinct_attention_calls == calls and cfg.paper_attention_calls == 2**order - 1
+
+
+def test_model_config_validates_its_nexus_block():
+    with pytest.raises(ValueError, match="NexusConfig.inner"):
+        NexusQwen2Config(nexus={"inner": "bogus"})
+    assert NexusQwen2Config(nexus={"order": 3}).nexus["order"] == 3
+
+
+def test_convert_argument_errors():
+    with pytest.raises(ValueError, match="not both"):
+        convert(tiny_base_model(), NexusConfig(), order=3)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        convert(object(), NexusConfig())
+    with pytest.raises(ValueError, match="already a Nexus model"):
+        convert(convert(tiny_base_model(), NexusConfig()), NexusConfig())

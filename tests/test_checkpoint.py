@@ -1,0 +1,105 @@
+"""Checkpoints: save -> load gives identical logits, with the package and in a process without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from nexus_retrofit import NexusConfig, convert
+from nexus_retrofit.checkpoint import atomic_dir
+from tests.conftest import perturb_nexus, tiny_base_model
+
+CASES = [
+    pytest.param("qwen2", NexusConfig(order=2, inner="separate"), id="qwen2-separate-m2"),
+    pytest.param("llama", NexusConfig(order=3, inner="self", projections="qkv"), id="llama-self-m3-qkv"),
+    pytest.param("qwen3", NexusConfig(order=2, inner="shared", gate="none"), id="qwen3-shared-none"),
+]
+
+
+def _saved(tmp_path, family, settings):
+    model = convert(tiny_base_model(family), settings)
+    perturb_nexus(model)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("family,settings", CASES)
+def test_round_trip_in_process(tmp_path, family, settings, ids):
+    model, folder = _saved(tmp_path, family, settings)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["nexus"] == settings.to_dict()
+    assert config["architectures"] == [type(model).__name__]
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert (folder / "modeling_nexus.py").is_file() and (folder / "configuration_nexus.py").is_file()
+    assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager"
+    ).eval()  # no remote code
+    assert type(loaded) is type(model)
+    assert isinstance(AutoConfig.from_pretrained(folder), type(model.config))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+STANDALONE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["nexus_retrofit"] = None  # make `import nexus_retrofit` fail, as on a machine without it
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, attn_implementation="eager").eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert not any(m.startswith("nexus_retrofit") and sys.modules[m] is not None for m in sys.modules)
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save(model(ids).logits, sys.argv[3])
+    """
+)
+
+
+@pytest.mark.parametrize("family,settings", CASES[:2])
+def test_round_trip_without_the_package(tmp_path, family, settings, ids):
+    model, folder = _saved(tmp_path, family, settings)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(STANDALONE)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, torch.load(tmp_path / "out.pt"))
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "model.safetensors").write_text("half")
+        raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_refuses_non_empty_and_replaces_with_overwrite(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="--overwrite"), atomic_dir(target) as tmp:
+        pass
+    assert (target / "keep.txt").read_text() == "user data"
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
