@@ -1,0 +1,285 @@
+"""Speed and memory of Nexus attention against the base model, measured side by side in one process.
+
+1. One attention layer, forward and forward+backward, base vs each Nexus variant, across sequence
+   lengths: time ratio against the floor `distinct calls x base layer time` (goal <= 1.15) and the
+   largest activation (must grow linearly in n on the sdpa/flash paths).
+2. Whole model: SFT step tokens/s and cached greedy decode tokens/s (batch 1 and 32).
+
+Medians over repeats, warm-up excluded. Results go to JSON + markdown + PNG with device and versions.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from ..converter import convert
+from ..modeling import NexusConfig
+
+# Variants measured: (label, NexusConfig or None for the base model)
+VARIANTS: list[tuple[str, NexusConfig | None]] = [
+    ("base", None),
+    ("separate-qk-m2", NexusConfig(order=2, inner="separate")),
+    ("shared-qk-m2", NexusConfig(order=2, inner="shared")),
+    ("self-qk-m2", NexusConfig(order=2, inner="self")),
+    ("separate-qk-m3", NexusConfig(order=3, inner="separate")),
+    ("shared-qk-m3", NexusConfig(order=3, inner="shared")),
+    ("self-qk-m3", NexusConfig(order=3, inner="self")),
+]
+
+# Layer shape of Qwen2.5-0.5B (hidden 896, 14 heads, 2 KV heads, head_dim 64), and a tiny whole model.
+LAYER_CONFIG = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
+TINY_MODEL_CONFIG = dict(
+    hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=512, tie_word_embeddings=True, max_position_embeddings=4096,
+)
+QWEN_05B_CONFIG = dict(
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+    vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Largest tensor (bytes) produced by any op: shows whether an n x n matrix appears."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def build_model(nexus: NexusConfig | None, config: dict, device: str, dtype: torch.dtype, attn: str, layers: int | None = None):
+    """A random model of `config` (optionally converted), with non-zero gates so nothing is skipped."""
+    fields = {**config, **({"num_hidden_layers": layers} if layers else {})}
+    base_config = Qwen2Config(**fields)
+    base_config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(base_config)
+    if nexus is not None:
+        model = convert(model, nexus)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".gates." in name:
+                    p.fill_(0.1)
+    return model.to(device=device, dtype=dtype)
+
+
+@dataclass
+class LayerResult:
+    variant: str
+    seq_len: int
+    distinct_calls: int
+    forward_ms: float
+    train_ms: float
+    forward_ratio: float  # time / (distinct calls x base time): 1.0 is the floor
+    train_ratio: float
+    largest_activation_mib: float
+    peak_memory_mib: float | None
+
+
+def bench_layer(seq_lens: list[int], device: str, dtype: torch.dtype, attn: str, repeats: int, batch: int = 1) -> list[LayerResult]:
+    results: list[LayerResult] = []
+    for n in seq_lens:
+        base_times: tuple[float, float] | None = None
+        for label, nexus in VARIANTS:
+            model = build_model(nexus, {**LAYER_CONFIG, "vocab_size": 128}, device, dtype, attn, layers=1)
+            layer = model.model.layers[0].self_attn
+            x = torch.randn(batch, n, LAYER_CONFIG["hidden_size"], device=device, dtype=dtype)
+            pos = torch.arange(n, device=device)[None].expand(batch, n)
+            cos_sin = model.model.rotary_emb(x, pos)
+
+            def forward(layer=layer, x=x, cos_sin=cos_sin):
+                with torch.no_grad():
+                    return layer(x, position_embeddings=cos_sin, attention_mask=None)
+
+            def train_step(layer=layer, x=x, cos_sin=cos_sin):
+                out, _ = layer(x.requires_grad_(), position_embeddings=cos_sin, attention_mask=None)
+                out.float().sum().backward()
+
+            fwd = median_time(forward, device, repeats)
+            trn = median_time(train_step, device, repeats)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                train_step()
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                peak = None
+            with _LargestTensor() as probe:
+                forward()
+            calls = nexus.distinct_attention_calls if nexus else 1
+            if base_times is None:
+                base_times = (fwd, trn)
+            results.append(
+                LayerResult(label, n, calls, fwd * 1e3, trn * 1e3, fwd / (calls * base_times[0]),
+                            trn / (calls * base_times[1]), probe.largest / 2**20, peak)
+            )
+            del model, layer
+    return results
+
+
+@dataclass
+class ModelResult:
+    variant: str
+    train_tokens_per_s: float
+    decode_tokens_per_s_b1: float
+    decode_tokens_per_s_b32: float
+
+
+def bench_model(config: dict, device: str, dtype: torch.dtype, attn: str, repeats: int, train_len: int,
+                prompt_len: int, new_tokens: int, train_batch: int = 8) -> list[ModelResult]:
+    results = []
+    for label, nexus in VARIANTS:
+        model = build_model(nexus, config, device, dtype, attn)
+        model.generation_config.pad_token_id = 0
+        vocab = config["vocab_size"]
+        ids = torch.randint(1, vocab, (train_batch, train_len), device=device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def train_step(model=model, ids=ids, opt=opt):
+            model.train()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        train_s = median_time(train_step, device, repeats)
+        model.eval()
+        decode = {}
+        for b in (1, 32):
+            prompt = torch.randint(1, vocab, (b, prompt_len), device=device)
+
+            def generate(model=model, prompt=prompt):
+                with torch.no_grad():
+                    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+            decode[b] = b * new_tokens / median_time(generate, device, repeats)
+        results.append(ModelResult(label, train_batch * train_len / train_s, decode[1], decode[32]))
+        del model, opt
+    return results
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads()}
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: list[ModelResult]) -> Path:
+    """JSON + markdown + PNG, each written to a temporary name first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = payload["environment"]["device"]
+    md = [f"# Nexus speed ({tag})", "", f"`{json.dumps(payload['environment'])}`", "",
+          f"Settings: `{json.dumps(payload['settings'])}`", "",
+          "## One attention layer (Qwen2.5-0.5B shape), ratio = time / (distinct calls x base time)", "",
+          "| variant | n | calls | fwd ms | fwd ratio | fwd+bwd ms | train ratio | largest activation MiB |"
+          + (" peak MiB |" if tag == "cuda" else ""),
+          "|---|---|---|---|---|---|---|---|" + ("---|" if tag == "cuda" else "")]
+    for r in layer:
+        row = (f"| {r.variant} | {r.seq_len} | {r.distinct_calls} | {r.forward_ms:.1f} | {r.forward_ratio:.2f} | "
+               f"{r.train_ms:.1f} | {r.train_ratio:.2f} | {r.largest_activation_mib:.1f} |")
+        md.append(row + (f" {r.peak_memory_mib:.0f} |" if tag == "cuda" else ""))
+    md += ["", "## Whole model", "", "| variant | SFT tokens/s | x base | decode tok/s b=1 | x base | decode tok/s b=32 | x base |",
+           "|---|---|---|---|---|---|---|"]
+    base = model[0]
+    for r in model:
+        md.append(f"| {r.variant} | {r.train_tokens_per_s:.0f} | {r.train_tokens_per_s / base.train_tokens_per_s:.2f} | "
+                  f"{r.decode_tokens_per_s_b1:.1f} | {r.decode_tokens_per_s_b1 / base.decode_tokens_per_s_b1:.2f} | "
+                  f"{r.decode_tokens_per_s_b32:.1f} | {r.decode_tokens_per_s_b32 / base.decode_tokens_per_s_b32:.2f} |")
+    files = {
+        f"speed_{tag}.json": json.dumps(payload, indent=2),
+        f"speed_{tag}.md": "\n".join(md) + "\n",
+    }
+    for name, text in files.items():
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, _ in VARIANTS[1:]:
+        rows = [r for r in layer if r.variant == label]
+        axes[0].plot([r.seq_len for r in rows], [r.train_ratio for r in rows], marker="o", label=label)
+    axes[0].axhline(1.15, color="gray", ls="--", lw=1, label="goal 1.15")
+    axes[0].set(xlabel="sequence length", ylabel="fwd+bwd time / (calls x base)", title="one layer", xscale="log")
+    axes[0].legend(fontsize=7)
+    labels = [r.variant for r in model]
+    axes[1].bar(labels, [r.train_tokens_per_s / base.train_tokens_per_s for r in model], label="SFT")
+    axes[1].bar(labels, [r.decode_tokens_per_s_b1 / base.decode_tokens_per_s_b1 for r in model], alpha=0.5, label="decode b=1")
+    axes[1].set(ylabel="tokens/s relative to base", title="whole model")
+    axes[1].tick_params(axis="x", rotation=45, labelsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    png = out_dir / f"speed_{tag}.png"
+    tmp_png = out_dir / f".speed_{tag}.tmp.png"
+    fig.savefig(tmp_png, dpi=110)
+    plt.close(fig)
+    tmp_png.replace(png)
+    return out_dir / f"speed_{tag}.md"
+
+
+def run_speed_bench(device: str = "cpu", seq_lens: list[int] | None = None, quick: bool = False,
+                    out_dir: Path = Path("eval/results/perf"), attn: str = "sdpa") -> Path:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if seq_lens is None:
+        seq_lens = ([256, 512] if quick else [256, 512, 1024, 2048]) if device == "cpu" else [1024, 4096, 16384]
+    repeats = 2 if quick else 5
+    layer = bench_layer(seq_lens, device, dtype, attn, repeats)
+    if device == "cpu":
+        model_cfg, train_len, prompt_len, new_tokens = TINY_MODEL_CONFIG, 256, 32, (8 if quick else 32)
+    else:
+        model_cfg, train_len, prompt_len, new_tokens = QWEN_05B_CONFIG, 2048, 128, 128
+    model = bench_model(model_cfg, device, dtype, attn, repeats, train_len, prompt_len, new_tokens)
+    payload = {
+        "environment": environment(device),
+        "settings": {"seq_lens": seq_lens, "repeats": repeats, "attn_implementation": attn, "dtype": str(dtype),
+                     "layer_config": LAYER_CONFIG, "model_config": model_cfg, "train_len": train_len,
+                     "prompt_len": prompt_len, "new_tokens": new_tokens, "quick": quick},
+        "layer": [r.__dict__ for r in layer],
+        "model": [r.__dict__ for r in model],
+    }
+    return write_report(out_dir, payload, layer, model)
