@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from .commands import convert as convert_commands
+from .commands import experiment as experiment_commands
 
 app = typer.Typer(
     name="nexus-retrofit",
@@ -20,6 +21,7 @@ app = typer.Typer(
 app.command("convert")(convert_commands.convert)
 app.command("inspect")(convert_commands.inspect)
 # --- commands registered by other modules (one line each) ---
+app.command("experiment")(experiment_commands.experiment)
 
 
 def main() -> None:

@@ -1,0 +1,36 @@
+"""`nexus-retrofit experiment NAME`: the CPU-sized evidence experiments (nexus_retrofit/experiments)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def experiment(
+    name: str = typer.Argument(
+        ..., help="Experiment: expressivity, multihop (ablation when the tiny model exists)."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="Smoke version: under a minute, 1 seed, few steps."),
+    seeds: int = typer.Option(
+        None, "--seeds", min=1, help="Number of seeds 0..N-1 (default: the experiment's)."
+    ),
+    output_dir: Path = typer.Option(
+        None,
+        "--output-dir",
+        help="Where to write results.json, results.md and the PNG (default: eval/results/experiments/NAME).",
+    ),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads (the models are tiny)."),
+) -> None:
+    """Run an evidence experiment: does higher-order attention do what the paper claims?"""
+    from ..experiments import EXPERIMENTS, run_experiment
+
+    if name not in EXPERIMENTS:
+        console.print(f"[bold red]error:[/] unknown experiment {name!r}; available: {', '.join(EXPERIMENTS)}")
+        raise typer.Exit(code=2)
+    out = run_experiment(name, quick=quick, seeds=seeds, output_dir=output_dir, threads=threads)
+    console.print(out.markdown_path.read_text())
+    console.print(f"wrote {out.json_path}, {out.markdown_path}, {out.plot_path}")
