@@ -10,6 +10,7 @@ import typer
 
 from .commands import convert as convert_commands
 from .commands import experiment as experiment_commands
+from .commands import train as train_commands
 
 app = typer.Typer(
     name="nexus-retrofit",
@@ -22,6 +23,7 @@ app.command("convert")(convert_commands.convert)
 app.command("inspect")(convert_commands.inspect)
 # --- commands registered by other modules (one line each) ---
 app.command("experiment")(experiment_commands.experiment)
+app.command("train", context_settings=train_commands.CONTEXT_SETTINGS)(train_commands.train)
 
 
 def main() -> None:

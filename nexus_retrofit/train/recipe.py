@@ -1,0 +1,430 @@
+"""Training recipes: open-r1-style YAML + `--key value` overrides -> typed, validated dataclasses.
+
+A recipe is a flat mapping of TRL `ScriptArguments`, `SFTConfig` and `ModelConfig` fields (the names
+open-r1 recipes use) plus an optional `nexus:` block. With the block, a base model is converted on the
+fly; without it the same recipe runs the standard-SFT baseline. Everything is checked before a model
+or dataset is touched: an unknown key, a renamed open-r1 key, or a bad `nexus:` value fails at once
+with the key in the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+from ..modeling import NexusConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "nexus_train_config.yaml"  # the resolved recipe, written beside the weights
+RESERVED = ("nexus", "env")  # recipe keys that are not dataclass fields
+
+# open-r1 recipes were written for transformers 4.x / TRL 0.x. Old name -> current name; an alias is
+# applied only when the installed version lacks the old name and has the new one.
+RENAMED = {
+    "warmup_ratio": ("warmup_steps", "a value in [0, 1) is read as a ratio of the training steps"),
+    "max_seq_length": ("max_length", ""),
+    "torch_dtype": ("dtype", ""),
+    "evaluation_strategy": ("eval_strategy", ""),
+    "activation_checkpointing": ("gradient_checkpointing", ""),
+    "gradient_checkpointing": ("activation_checkpointing", ""),
+}
+
+# Keys of open-r1's own SFTConfig that this toolkit deliberately leaves out.
+OPEN_R1_ONLY = {
+    "benchmarks": "evaluate with `nexus-retrofit eval` after training",
+    "callbacks": "nexus-retrofit installs its own callbacks",
+    "system_prompt": "put the system turn in the data or the chat template",
+    "hub_model_revision": "use `nexus-retrofit push` to publish to a branch",
+    "overwrite_hub_revision": "use `nexus-retrofit push`",
+    "push_to_hub_revision": "use `nexus-retrofit push`",
+    "wandb_entity": "set the WANDB_ENTITY environment variable (recipe `env:` block)",
+    "wandb_project": "set the WANDB_PROJECT environment variable (recipe `env:` block)",
+    "wandb_run_group": "set the WANDB_RUN_GROUP environment variable (recipe `env:` block)",
+    "optimization_level": "not a transformers setting",
+}
+
+UNSUPPORTED = {  # fields that parse but that this command does not implement
+    "use_peft": "PEFT/LoRA would freeze the base weights the baseline trains",
+    "load_in_8bit": "quantised training is not supported",
+    "load_in_4bit": "quantised training is not supported",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the offending key."""
+
+
+@dataclass
+class NexusScriptArguments(ScriptArguments):
+    """TRL's ScriptArguments plus open-r1's dataset mixture and chat template, and an overwrite switch."""
+
+    dataset_mixture: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "open-r1 dataset mixture: {datasets: [{id, config, split, columns, weight}], seed, "
+            "test_split_size}. `id` is a Hub dataset or a local .jsonl/.json/.parquet file or folder. "
+            "Replaces dataset_name."
+        },
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat template set on the tokenizer before training (open-r1)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow writing into a non-empty output_dir that holds another run (its checkpoints are removed)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset_mixture, str):
+            try:
+                self.dataset_mixture = json.loads(self.dataset_mixture)
+            except json.JSONDecodeError as e:
+                raise RecipeError(
+                    f"dataset_mixture must be a mapping (YAML, or JSON on the command line): {e}"
+                ) from None
+
+
+@dataclass
+class NexusTrainArguments:
+    """The `nexus:` block: the converter's settings plus how the new parameters train.
+
+    Architecture fields left unset take NexusConfig's defaults when the base model is converted, or the
+    model's own settings when it is already a Nexus model.
+    """
+
+    order: int | None = field(default=None, metadata={"help": "Attention order m (1 = standard)."})
+    projections: Any = field(default=None, metadata={"help": "Refined projections: q, qk or qkv."})
+    inner: str | None = field(default=None, metadata={"help": "separate, shared or self."})
+    gate: str | None = field(default=None, metadata={"help": "zero (function-preserving) or none."})
+    inner_init: str | None = field(default=None, metadata={"help": "random or copy (separate only)."})
+    inner_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "Learning rate of the inner modules and gates, as a multiple of learning_rate."},
+    )
+    inner_only_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps at the start during which only the Nexus parameters train."},
+    )
+
+    ARCHITECTURE = ("order", "projections", "inner", "gate", "inner_init")
+
+    def __post_init__(self) -> None:
+        m = self.inner_lr_multiplier
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+            raise RecipeError(f"nexus.inner_lr_multiplier must be a number > 0, got {m!r}")
+        self.inner_lr_multiplier = float(m)
+        s = self.inner_only_steps
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise RecipeError(f"nexus.inner_only_steps must be an integer >= 0, got {s!r}")
+        try:  # validate the architecture settings now, not after loading the model
+            self.nexus_config()
+        except ValueError as e:
+            raise RecipeError(str(e).replace("NexusConfig.", "nexus.")) from None
+
+    def architecture(self) -> dict[str, Any]:
+        """The architecture settings the recipe states explicitly."""
+        return {k: getattr(self, k) for k in self.ARCHITECTURE if getattr(self, k) is not None}
+
+    def nexus_config(self) -> NexusConfig:
+        """The NexusConfig to convert a base model with (defaults for unset fields)."""
+        return NexusConfig(**self.architecture())
+
+    def conflicts(self, existing: NexusConfig) -> dict[str, tuple[Any, Any]]:
+        """Stated settings that differ from an existing Nexus model's: key -> (recipe, model)."""
+        stated = NexusConfig(**{**existing.to_dict(), **self.architecture()})
+        return {
+            k: (getattr(stated, k), getattr(existing, k))
+            for k in self.architecture()
+            if getattr(stated, k) != getattr(existing, k)
+        }
+
+    def resolved(self, config: NexusConfig) -> dict[str, Any]:
+        """The full block as it ran (for the saved recipe)."""
+        return {
+            **config.to_dict(),
+            "inner_lr_multiplier": self.inner_lr_multiplier,
+            "inner_only_steps": self.inner_only_steps,
+        }
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: TRL's three argument dataclasses, the nexus block, and the recipe as given."""
+
+    script: NexusScriptArguments
+    training: SFTConfig
+    model: ModelConfig
+    nexus: NexusTrainArguments | None
+    values: dict[str, Any]  # explicit settings after overrides, canonical names, typed
+    notes: list[str] = field(default_factory=list)  # renamed keys and other one-line notices
+
+    def to_yaml(self, nexus_resolved: dict[str, Any] | None = None) -> str:
+        """The recipe as it runs, re-usable as a recipe: explicit settings plus the resolved nexus block."""
+        values = dict(self.values)
+        if self.nexus is not None:
+            values["nexus"] = nexus_resolved or {
+                **self.nexus.architecture(),
+                "inner_lr_multiplier": self.nexus.inner_lr_multiplier,
+                "inner_only_steps": self.nexus.inner_only_steps,
+            }
+        return yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=120)
+
+
+DATACLASSES = (NexusScriptArguments, SFTConfig, ModelConfig)
+
+
+def _field_names() -> set[str]:
+    return {f.name for cls in DATACLASSES for f in dataclasses.fields(cls)}
+
+
+def _load(recipe: dict | str | os.PathLike) -> dict[str, Any]:
+    if isinstance(recipe, dict):
+        return copy.deepcopy(recipe)
+    path = Path(recipe)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path.resolve()}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a YAML mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _split_cli(overrides: list[str]) -> list[tuple[str, str | None]]:
+    """['--a', '1', '--b=2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', None)]."""
+    pairs: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise RecipeError(f"override {token!r} is not of the form --key value")
+        key, eq, value = token[2:].partition("=")
+        if eq:
+            pairs.append((key, value))
+            i += 1
+        elif i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            pairs.append((key, overrides[i + 1]))
+            i += 2
+        else:
+            pairs.append((key, None))  # a bare flag: true
+            i += 1
+    return pairs
+
+
+def _canonical(key: str, fields: set[str], notes: list[str], value: Any = None) -> str:
+    """Map a key to the installed field name, noting open-r1 names that were renamed."""
+    key = key.strip()
+    if not key.startswith("nexus.") and key not in fields and key.replace("-", "_") in fields:
+        key = key.replace("-", "_")
+    if key in fields or key in RESERVED or key.startswith("nexus."):
+        return key
+    if key in RENAMED and RENAMED[key][0] in fields:
+        new, why = RENAMED[key]
+        notes.append(
+            f"`{key}` is `{new}` in transformers/TRL as installed; using {new}" + (f" ({why})" if why else "")
+        )
+        if key == "warmup_ratio" and value is not None:
+            try:
+                ratio = float(value)
+            except (TypeError, ValueError):
+                raise RecipeError(f"warmup_ratio must be a number in [0, 1), got {value!r}") from None
+            if not 0 <= ratio < 1:
+                raise RecipeError(
+                    f"warmup_ratio must be in [0, 1), got {value!r} (use warmup_steps for a step count)"
+                )
+        return new
+    return key
+
+
+def _unknown(keys: list[str], fields: set[str]) -> None:
+    problems = []
+    for key in keys:
+        if key in OPEN_R1_ONLY:
+            problems.append(
+                f"'{key}' is an open-r1 setting that nexus-retrofit train does not implement ({OPEN_R1_ONLY[key]})"
+            )
+            continue
+        close = difflib.get_close_matches(key, sorted(fields | set(RESERVED)), n=1)
+        problems.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if problems:
+        raise RecipeError(
+            "unknown recipe key(s): " + "; ".join(problems) + ". Remove them or fix the spelling."
+        )
+
+
+def _nexus_value(name: str, raw: str | None) -> Any:
+    """Convert a `--nexus.key value` string to the field's type."""
+    if raw is None:
+        raise RecipeError(f"--nexus.{name} needs a value")
+    if name in ("order", "inner_only_steps"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise RecipeError(f"nexus.{name} must be an integer, got {raw!r}") from None
+    if name == "inner_lr_multiplier":
+        try:
+            return float(raw)
+        except ValueError:
+            raise RecipeError(f"nexus.{name} must be a number, got {raw!r}") from None
+    return raw
+
+
+def _nexus_block(block: Any, overrides: dict[str, Any]) -> NexusTrainArguments | None:
+    if block is None and not overrides:
+        return None
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise RecipeError(f"nexus must be a mapping of Nexus settings, got {block!r}")
+    block = {**block, **overrides}
+    allowed = [f.name for f in dataclasses.fields(NexusTrainArguments)]
+    unknown = sorted(set(block) - set(allowed))
+    if unknown:
+        hints = [
+            f"nexus.{k}"
+            + (f" (did you mean nexus.{m[0]}?)" if (m := difflib.get_close_matches(k, allowed, n=1)) else "")
+            for k in unknown
+        ]
+        raise RecipeError(f"unknown key(s) in the nexus block: {', '.join(hints)}; allowed: {allowed}")
+    return NexusTrainArguments(**block)
+
+
+def _typed_values(explicit: list[str], parsed: tuple, env: dict | None) -> dict[str, Any]:
+    """Explicitly set keys with their parsed (typed) values, in recipe order, tokens left out."""
+    script, training, model = parsed
+    sources = [dataclasses.asdict(script), training.to_dict(), dataclasses.asdict(model)]
+    values: dict[str, Any] = {}
+    for key in explicit:
+        if key.endswith("_token") and key.startswith("hub"):
+            continue  # never write credentials
+        for source in sources:
+            if key in source:
+                values[key] = source[key]
+                break
+    if env:
+        values["env"] = env
+    return values
+
+
+def _collect(
+    raw: dict[str, Any], overrides: list[str] | dict[str, Any] | None, fields: set[str], notes: list[str]
+) -> tuple[dict[str, Any], list[tuple[str, str | None]], dict[str, Any]]:
+    """Recipe + overrides -> (typed settings, command-line strings, nexus overrides), canonical names."""
+    config = {_canonical(str(key), fields, notes, value): value for key, value in raw.items()}
+    cli: list[tuple[str, str | None]] = []
+    nexus_overrides: dict[str, Any] = {}
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            key = _canonical(str(key), fields, notes, value)
+            if key == "nexus" and isinstance(value, dict) and isinstance(config.get("nexus"), dict):
+                nexus_overrides.update(value)
+            elif key.startswith("nexus."):
+                nexus_overrides[key[len("nexus.") :]] = value
+            else:
+                config[key] = value
+        return config, cli, nexus_overrides
+    for key, value in _split_cli(list(overrides or [])):
+        key = _canonical(key, fields, notes, value)
+        if key.startswith("nexus."):
+            nexus_overrides[key[len("nexus.") :]] = _nexus_value(key[len("nexus.") :], value)
+        elif key == "nexus":
+            if value is None or value.lower() not in ("none", "null", "false"):
+                raise RecipeError(
+                    "--nexus takes no block on the command line: use --nexus.KEY VALUE, or --nexus none"
+                )
+            config["nexus"] = None  # run the baseline from a Nexus recipe
+        else:
+            cli.append((key, value))
+    return config, cli, nexus_overrides
+
+
+def parse_recipe(
+    recipe: dict | str | os.PathLike,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Recipe:
+    """Parse a recipe (YAML path or mapping) and overrides into a validated Recipe.
+
+    `overrides` is a list of command-line strings (`--key value`, `--key=value`, `--flag`,
+    `--nexus.order 3`) or a mapping of typed values (`{"max_steps": 5, "nexus": {...}}`); they win
+    over the recipe. Raises RecipeError naming the key on any problem.
+    """
+    fields = _field_names()
+    notes: list[str] = []
+    config, cli, nexus_overrides = _collect(_load(recipe), overrides, fields, notes)
+
+    _unknown([k for k in [*config, *(k for k, _ in cli)] if k not in fields and k not in RESERVED], fields)
+    cli_values = dict(cli)
+    for key, why in UNSUPPORTED.items():
+        value = (cli_values[key] or "true") if key in cli_values else config.get(key)
+        if value not in (None, False) and str(value).lower() not in ("false", "0", "no"):
+            raise RecipeError(f"{key} is not supported by nexus-retrofit train: {why}")
+
+    nexus = _nexus_block(config.pop("nexus", None), nexus_overrides)
+    env = config.pop("env", None)
+    if env is not None and not isinstance(env, dict):
+        raise RecipeError(f"env must be a mapping of environment variables, got {env!r}")
+
+    parser = TrlParser(DATACLASSES, allow_abbrev=False, exit_on_error=False)
+    leftover = parser.set_defaults_with_config(**config)
+    if leftover:  # should have been caught above
+        _unknown([leftover[i][2:] for i in range(0, len(leftover), 2)], fields)
+    argv = [item for key, value in cli for item in ((f"--{key}",) if value is None else (f"--{key}", value))]
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except RecipeError:
+        raise
+    except argparse.ArgumentError as e:  # a value of the wrong type, from the recipe or the command line
+        raise RecipeError(f"invalid recipe value: {e}") from None
+    except (ValueError, TypeError) as e:  # a dataclass rejected a value (e.g. an unknown lr_scheduler_type)
+        raise RecipeError(f"invalid recipe value: {e}") from None
+    if remaining:
+        _unknown([r[2:] for r in remaining if r.startswith("--")], fields)
+    script, training, model = parsed
+
+    if not model.model_name_or_path:
+        raise RecipeError("model_name_or_path is required: a Hub id or a local model folder")
+    if not script.dataset_name and not script.dataset_mixture:
+        raise RecipeError(
+            "dataset_name (or dataset_mixture) is required: a Hub dataset id or a local .jsonl/.parquet file or folder"
+        )
+    if "output_dir" not in config and "output_dir" not in dict(cli):
+        raise RecipeError(
+            "output_dir is required: the folder the checkpoints and the final model are written to"
+        )
+
+    if script.dataset_mixture:
+        from .data import parse_mixture
+
+        parse_mixture(script.dataset_mixture)
+
+    for name, value in (env or {}).items():  # TrlParser's `env:` block, applied once the recipe is valid
+        os.environ[str(name)] = str(value)
+    explicit = list(dict.fromkeys([*config, *(k for k, _ in cli)]))
+    for note in notes:
+        logger.warning("recipe: %s", note)
+    return Recipe(
+        script=script,
+        training=training,
+        model=model,
+        nexus=nexus,
+        values=_typed_values(explicit, (script, training, model), env),
+        notes=notes,
+    )

@@ -1,0 +1,428 @@
+"""`run_training`: one SFT run from a recipe, baseline or Nexus, in-process or under `accelerate launch`.
+
+Order of work: parse and validate the recipe, check the output folder, load the data, read the model
+config (to decide whether to convert and to refuse conflicting `nexus:` settings before loading any
+weights), load and convert the model, train, save. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .recipe import CONFIG_FILE, Recipe, RecipeError, parse_recipe
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_KEYS = ("model_name_or_path", "model_revision", "dataset_name", "dataset_config", "dataset_mixture")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where, its final metrics and its per-step log."""
+
+    output_dir: Path
+    metrics: dict[str, float]
+    log_history: list[dict[str, Any]]
+    nexus: dict[str, Any] | None  # the Nexus settings it ran with; None for the baseline
+    resumed_from: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        """(step, training loss) for every logged step."""
+        return [(e["step"], e["loss"]) for e in self.log_history if "loss" in e]
+
+    @property
+    def train_runtime(self) -> float | None:
+        return self.metrics.get("train_runtime")
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.metrics.get("train_tokens_per_second")
+
+
+# --- output folder -------------------------------------------------------------------------------
+
+
+def _resume_target(value: str | bool | None) -> str | bool | None:
+    if value is None or value is False:
+        return None
+    if value is True or str(value).lower() in ("true", "yes", "1", "last"):
+        return True
+    if str(value).lower() in ("false", "no", "0", "none", ""):
+        return None
+    return str(value)
+
+
+def _identity(recipe: Recipe) -> dict[str, Any]:
+    values = {k: recipe.values.get(k) for k in IDENTITY_KEYS}
+    values["nexus"] = None if recipe.nexus is None else recipe.nexus.architecture()
+    return values
+
+
+def _previous_identity(folder: Path) -> dict[str, Any] | None:
+    import yaml
+
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        previous = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return None
+    values = {k: previous.get(k) for k in IDENTITY_KEYS}
+    values["nexus"] = previous.get("nexus")
+    return values
+
+
+def _identity_diff(current: dict[str, Any], previous: dict[str, Any]) -> list[str]:
+    diff = [f"{k}: {previous[k]!r} -> {current[k]!r}" for k in IDENTITY_KEYS if current[k] != previous[k]]
+    now, before = current["nexus"], previous["nexus"]
+    if (now is None) != (before is None):
+        diff.append(
+            f"nexus block: {'present' if before is not None else 'absent'} -> {'present' if now is not None else 'absent'}"
+        )
+    elif now is not None:
+        diff += [
+            f"nexus.{k}: {before.get(k)!r} -> {v!r}"
+            for k, v in now.items()
+            if _norm(before.get(k)) != _norm(v)
+        ]
+    return diff
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) or (isinstance(value, str) and set(value) <= set("qkv,")):
+        return "".join(sorted(c for c in "".join(value) if c in "qkv"))
+    return value
+
+
+def check_output_dir(recipe: Recipe) -> str | None:
+    """Validate output_dir against the recipe; return the checkpoint to resume from, if any.
+
+    A non-empty output_dir is accepted when it holds a run of the same recipe (same model, data and
+    Nexus settings), to resume it or to rewrite its final model; otherwise only with
+    overwrite_output_dir, which removes the old checkpoint-* folders.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(recipe.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir {out} exists and is not a folder")
+    resume = _resume_target(recipe.training.resume_from_checkpoint)
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    last = get_last_checkpoint(str(out)) if entries else None
+    previous = _previous_identity(out)
+    diff = _identity_diff(_identity(recipe), previous) if previous is not None else []
+
+    if resume is not None:
+        if resume is True:
+            if last is None:
+                raise RecipeError(
+                    f"resume_from_checkpoint: no checkpoint-* folder in output_dir {out} to resume from"
+                )
+            resume = last
+        if not Path(resume).is_dir():
+            raise RecipeError(f"resume_from_checkpoint: no such checkpoint folder: {Path(resume).resolve()}")
+        if diff:
+            raise RecipeError(
+                f"resume_from_checkpoint: {out} holds a run of a different recipe ({'; '.join(diff)})"
+            )
+        return str(resume)
+    if not entries:
+        return None
+    if recipe.script.overwrite_output_dir:
+        for child in entries:
+            if child.is_dir() and child.name.startswith("checkpoint-"):
+                shutil.rmtree(child)
+        logger.warning("overwrite_output_dir: writing into %s (old checkpoints removed)", out)
+        return None
+    if previous is None or diff:
+        why = (
+            f"it holds a run of a different recipe ({'; '.join(diff)})"
+            if diff
+            else "it does not hold a run of this recipe"
+        )
+        raise RecipeError(
+            f"output_dir {out} is not empty and {why}; pass --overwrite_output_dir true to replace it"
+        )
+    if last is not None:
+        raise RecipeError(
+            f"output_dir {out} holds checkpoints of this recipe (last: {Path(last).name}): pass --resume_from_checkpoint "
+            "true to continue the run, or --overwrite_output_dir true to start over"
+        )
+    return None
+
+
+def _on_main_then_share(training, fn):
+    """Run fn on the main process only and give every process its result (or its RecipeError)."""
+    state = training.distributed_state
+    outcome: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            outcome = [("ok", fn())]
+        except RecipeError as e:
+            outcome = [("error", str(e))]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise RecipeError(value)
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _config_header() -> str:
+    import torch
+    import transformers
+    import trl
+
+    from .. import __version__
+
+    return (
+        f"# Recipe as run by nexus-retrofit {__version__} (transformers {transformers.__version__}, "
+        f"trl {trl.__version__}, torch {torch.__version__}).\n"
+        "# Re-run it with: nexus-retrofit train THIS_FILE\n"
+    )
+
+
+# --- model and tokenizer -------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return "auto"
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise RecipeError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return dtype
+
+
+@contextlib.contextmanager
+def _outside_zero3_init(active: bool) -> Iterator[None]:
+    """Load full weights even under ZeRO-3, so the converter sees real tensors; DeepSpeed partitions later."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not (active and hf_deepspeed.is_deepspeed_zero3_enabled()):
+        yield
+        return
+    config = hf_deepspeed._hf_deepspeed_config_weak_ref()
+    hf_deepspeed.unset_hf_deepspeed_config()
+    logger.warning(
+        "ZeRO-3: loading the full base model on every rank to convert it; DeepSpeed partitions it afterwards"
+    )
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def load_model(recipe: Recipe):
+    """The model to train, converted on the fly when the recipe has a `nexus:` block; and its settings."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import nexus_retrofit  # noqa: F401  (registers the Nexus classes: no remote code for Nexus checkpoints)
+
+    from ..converter import convert
+    from ..modeling import NexusConfig
+
+    name = recipe.model.model_name_or_path
+    common = dict(revision=recipe.model.model_revision, trust_remote_code=recipe.training.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, **common)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model_name_or_path {name!r}: could not load its config: {e}") from None
+    existing = getattr(config, "nexus", None)
+    settings = None
+    if recipe.nexus is not None:
+        if existing is not None:
+            conflicts = recipe.nexus.conflicts(NexusConfig.from_dict(existing))
+            if conflicts:
+                described = ", ".join(
+                    f"nexus.{k}: recipe {a!r}, model {b!r}" for k, (a, b) in conflicts.items()
+                )
+                raise RecipeError(
+                    f"model_name_or_path {name!r} is already a Nexus model with other settings ({described}); "
+                    "remove those keys from the nexus block or start from the base model"
+                )
+            settings = NexusConfig.from_dict(existing)
+        else:
+            settings = recipe.nexus.nexus_config()
+    elif existing is not None:
+        logger.warning(
+            "%s is already a Nexus model and the recipe has no nexus block: training it as it is", name
+        )
+
+    kwargs = dict(common, dtype=_torch_dtype(recipe.model.dtype))
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    converting = settings is not None and existing is None
+    with _outside_zero3_init(converting):
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if converting:
+        if any(p.is_meta for p in model.parameters()):
+            raise RecipeError(
+                "the base weights were not loaded on this process (FSDP cpu-RAM-efficient loading): set "
+                "fsdp_cpu_ram_efficient_loading: false in the accelerate config, or convert first with "
+                "`nexus-retrofit convert` and train the converted checkpoint"
+            )
+        from transformers import set_seed
+
+        set_seed(recipe.training.seed)  # the same new inner weights on every rank
+        try:
+            model = convert(model, settings)
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"model_name_or_path {name!r} cannot be converted: {e}") from None
+        logger.info("converted %s to Nexus attention: %s", name, settings.to_dict())
+    if recipe.training.gradient_checkpointing:
+        model.config.use_cache = False
+    return model, settings
+
+
+def load_tokenizer(recipe: Recipe, conversational: bool):
+    from transformers import AutoTokenizer
+
+    name = recipe.model.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=recipe.model.model_revision, trust_remote_code=recipe.training.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model_name_or_path {name!r}: could not load its tokenizer: {e}") from None
+    if recipe.script.chat_template:
+        tokenizer.chat_template = recipe.script.chat_template
+    if conversational and not tokenizer.chat_template and not recipe.training.chat_template_path:
+        raise RecipeError(f"the tokenizer of {name} has no chat template: set chat_template in the recipe")
+    return tokenizer
+
+
+def _apply_liger(trainer, model) -> None:
+    """Liger kernels look models up by model_type: use the base family's patch for a Nexus model."""
+    if not (trainer.args.use_liger_kernel and str(model.config.model_type).startswith("nexus_")):
+        return
+    from transformers.utils import is_liger_kernel_available
+
+    if not is_liger_kernel_available():
+        raise RecipeError("use_liger_kernel: liger-kernel is not installed (pip install liger-kernel)")
+    import inspect
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    family = model.config.model_type.removeprefix("nexus_")
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(family)
+    if apply is None:
+        logger.warning("use_liger_kernel: no Liger kernels for %s; training without them", family)
+    else:
+        options = dict(trainer.args.liger_kernel_config or {})
+        accepted = inspect.signature(apply).parameters
+        apply(model=model, **{k: v for k, v in options.items() if k in accepted})
+        logger.info("use_liger_kernel: applied the %s Liger kernels to the Nexus model", family)
+    trainer.args.use_liger_kernel = False  # applied (or skipped) here; the Trainer would look up nexus_*
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _setup_logging(training) -> None:
+    """Show this package's progress messages on the main process without touching the root logger."""
+    import datasets
+    import transformers
+
+    level = training.get_process_log_level()
+    package = logging.getLogger("nexus_retrofit")
+    if not package.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(min(level, logging.INFO) if training.should_log else level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def run_training(
+    recipe: dict | str | os.PathLike,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> TrainResult:
+    """Run one SFT run (baseline, or Nexus with a `nexus:` block) and return its result.
+
+    `recipe` is a YAML path or a mapping; `overrides` are `--key value` strings or a mapping (see
+    parse_recipe). Safe to call several times in one process. Raises RecipeError for bad settings.
+    """
+    from .data import load_datasets
+    from .trainer import NexusSFTTrainer
+
+    parsed = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe, overrides)
+    training = parsed.training
+    _setup_logging(training)
+    if "include_num_input_tokens_seen" not in parsed.values:
+        training.include_num_input_tokens_seen = "non_padding"  # for tokens/s in the logs and the result
+    resume = _on_main_then_share(training, lambda: check_output_dir(parsed))
+
+    train_ds, eval_ds, data_format = load_datasets(parsed.script, training)
+    tokenizer = load_tokenizer(parsed, conversational=data_format == "messages")
+    model, settings = load_model(parsed)
+    nexus = None if parsed.nexus is None or settings is None else parsed.nexus.resolved(settings)
+
+    out = Path(training.output_dir)
+    if training.distributed_state.is_main_process:
+        _write_text(out / CONFIG_FILE, _config_header() + parsed.to_yaml(nexus))
+
+    trainer = NexusSFTTrainer(
+        model=model,
+        args=training,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        inner_lr_multiplier=parsed.nexus.inner_lr_multiplier if nexus else 1.0,
+        inner_only_steps=parsed.nexus.inner_only_steps if nexus else 0,
+    )
+    _apply_liger(trainer, trainer.model)
+    if resume:
+        logger.info("resuming from %s", resume)
+    output = trainer.train(resume_from_checkpoint=resume)
+
+    metrics = dict(output.metrics)
+    runtime = metrics.get("train_runtime") or 0.0
+    seen = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    if runtime > 0 and seen:
+        metrics.setdefault("train_tokens_per_second", round(seen / runtime, 3))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    trainer.model.config.use_cache = True  # restore the KV cache for inference
+    trainer.save_model(training.output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(training.output_dir)
+        _write_text(out / CONFIG_FILE, _config_header() + parsed.to_yaml(nexus))
+    if training.push_to_hub:
+        trainer.push_to_hub(tags=["nexus-retrofit"])
+    result = TrainResult(
+        output_dir=out,
+        metrics=metrics,
+        log_history=list(trainer.state.log_history),
+        nexus=nexus,
+        resumed_from=resume,
+        notes=list(parsed.notes),
+    )
+    if hasattr(trainer, "end"):
+        trainer.end()  # finish trackers; ends the process group under accelerate launch
+    return result
