@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from .commands import bench as bench_commands
 from .commands import convert as convert_commands
 from .commands import experiment as experiment_commands
 from .commands import train as train_commands
@@ -21,6 +22,7 @@ app = typer.Typer(
 
 app.command("convert")(convert_commands.convert)
 app.command("inspect")(convert_commands.inspect)
+app.add_typer(bench_commands.bench_app, name="bench")
 # --- commands registered by other modules (one line each) ---
 app.command("experiment")(experiment_commands.experiment)
 app.command("train", context_settings=train_commands.CONTEXT_SETTINGS)(train_commands.train)

@@ -111,23 +111,33 @@ class LayerResult:
     peak_memory_mib: float | None
 
 
-def bench_layer(seq_lens: list[int], device: str, dtype: torch.dtype, attn: str, repeats: int, batch: int = 1) -> list[LayerResult]:
+def _causal_mask(n: int, attn: str, device: str, dtype: torch.dtype) -> torch.Tensor | None:
+    # sdpa/flash take no mask for unpadded causal input (is_causal); eager needs the additive mask.
+    if attn != "eager":
+        return None
+    return torch.full((n, n), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
+
+
+def bench_layer(seq_lens: list[int], device: str, dtype: torch.dtype, attn: str, repeats: int, batch: int = 1,
+                layer_config: dict | None = None) -> list[LayerResult]:
+    layer_config = layer_config or LAYER_CONFIG
     results: list[LayerResult] = []
     for n in seq_lens:
         base_times: tuple[float, float] | None = None
+        mask = _causal_mask(n, attn, device, dtype)
         for label, nexus in VARIANTS:
-            model = build_model(nexus, {**LAYER_CONFIG, "vocab_size": 128}, device, dtype, attn, layers=1)
+            model = build_model(nexus, {**layer_config, "vocab_size": 128}, device, dtype, attn, layers=1)
             layer = model.model.layers[0].self_attn
-            x = torch.randn(batch, n, LAYER_CONFIG["hidden_size"], device=device, dtype=dtype)
+            x = torch.randn(batch, n, layer_config["hidden_size"], device=device, dtype=dtype)
             pos = torch.arange(n, device=device)[None].expand(batch, n)
             cos_sin = model.model.rotary_emb(x, pos)
 
             def forward(layer=layer, x=x, cos_sin=cos_sin):
                 with torch.no_grad():
-                    return layer(x, position_embeddings=cos_sin, attention_mask=None)
+                    return layer(x, position_embeddings=cos_sin, attention_mask=mask)
 
             def train_step(layer=layer, x=x, cos_sin=cos_sin):
-                out, _ = layer(x.requires_grad_(), position_embeddings=cos_sin, attention_mask=None)
+                out, _ = layer(x.requires_grad_(), position_embeddings=cos_sin, attention_mask=mask)
                 out.float().sum().backward()
 
             fwd = median_time(forward, device, repeats)
