@@ -10,7 +10,9 @@ import typer
 
 from .commands import bench as bench_commands
 from .commands import convert as convert_commands
+from .commands import evaluate as evaluate_commands
 from .commands import experiment as experiment_commands
+from .commands import push as push_commands
 from .commands import train as train_commands
 
 app = typer.Typer(
@@ -25,6 +27,10 @@ app.command("inspect")(convert_commands.inspect)
 app.add_typer(bench_commands.bench_app, name="bench")
 # --- commands registered by other modules (one line each) ---
 app.command("experiment")(experiment_commands.experiment)
+app.command("eval")(evaluate_commands.eval_command)
+app.command("compare")(evaluate_commands.compare_command)
+app.command("grade")(evaluate_commands.grade_command)
+app.command("push")(push_commands.push)
 app.command("train", context_settings=train_commands.CONTEXT_SETTINGS)(train_commands.train)
 
 

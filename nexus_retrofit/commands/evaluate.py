@@ -1,0 +1,198 @@
+"""`nexus-retrofit eval`, `compare` and `grade`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print a clear error in red and return the exit to raise (code 2, like a usage error)."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _load_task_files(task_files: list[Path] | None) -> None:
+    from ..evaluation.tasks import load_task_file
+
+    for path in task_files or []:
+        load_task_file(path)
+
+
+def eval_command(
+    model: str = typer.Argument(..., help="Model: a local checkpoint folder or a Hub id."),
+    tasks: str = typer.Option("math_500,aime24,gpqa_diamond", "--tasks", help="Comma-separated task names."),
+    backend: str = typer.Option(
+        None, "--backend", help="vllm (default when installed) or hf (transformers, CPU ok)."
+    ),
+    num_samples: int = typer.Option(
+        None, "--num-samples", help="Samples per problem (default per task: 4, 64, 8)."
+    ),
+    temperature: float = typer.Option(0.6, "--temperature", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold."),
+    max_new_tokens: int = typer.Option(32768, "--max-new-tokens", help="Generation budget per sample."),
+    seed: int = typer.Option(1234, "--seed", help="Seeds the samples and the GPQA choice shuffle."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N problems of each task."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Problems per generate call (hf: 8, vllm: all)."
+    ),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System message (default none)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Offline data: DIR/<task>.jsonl or .parquet."),
+    output_dir: Path = typer.Option(
+        None, "--output-dir", help="Where results.json and samples go (default eval/<model>)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a run of another configuration in --output-dir."
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    revision: str = typer.Option(None, "--revision", help="Model revision on the Hub."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run the model's own code (off; not needed for Nexus checkpoints)."
+    ),
+    no_chat_template: bool = typer.Option(
+        False, "--no-chat-template", help="Send the bare prompt (base models)."
+    ),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "--tp", help="vLLM: GPUs per engine."
+    ),
+    data_parallel_size: int = typer.Option(
+        1, "--data-parallel-size", "--dp", help="vLLM: engines (each on its own GPUs)."
+    ),
+    max_model_len: int = typer.Option(None, "--max-model-len", help="vLLM: context length cap."),
+    gpu_memory_utilization: float = typer.Option(
+        None, "--gpu-memory-utilization", help="vLLM: fraction of GPU memory."
+    ),
+    task_files: list[Path] = typer.Option(
+        None, "--task-file", help="YAML/JSON file defining extra tasks (repeatable)."
+    ),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Score MODEL on MATH-500, AIME24, GPQA-Diamond (or your tasks); resumable, reproducible."""
+    from ..evaluation.backends import BackendError
+    from ..evaluation.runner import EvalSettings, evaluate
+
+    try:
+        _load_task_files(task_files)
+        settings = EvalSettings(
+            model=model,
+            tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+            backend=backend,
+            num_samples=num_samples,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            limit=limit,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            data_dir=str(data_dir) if data_dir else None,
+            dtype=dtype,
+            use_chat_template=not no_chat_template,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+        if backend not in (None, "hf", "vllm"):
+            raise ValueError(f"--backend must be vllm or hf, got {backend!r}")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        out = output_dir or Path("eval") / (Path(model.rstrip("/")).name or "model")
+        results = evaluate(settings, out, overwrite=overwrite, show_progress=not no_progress)
+    except KeyboardInterrupt:
+        console.print(
+            "[yellow]interrupted[/]: rerun the same command to resume from the samples written so far"
+        )
+        raise typer.Exit(code=130) from None
+    except (ValueError, FileNotFoundError, BackendError) as e:
+        raise _fail(str(e)) from None
+    _print_summary(results, out)
+
+
+def _print_summary(results: dict, out: Path) -> None:
+    table = Table(title=f"{results['model']['path']}", title_justify="left")
+    for column in ("task", "pass@1 (%)", "± se", "problems", "samples", "extraction failures"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, t in results["tasks"].items():
+        if "pass@1" in t:
+            table.add_row(
+                name,
+                f"{100 * t['pass@1']:.1f}",
+                f"{100 * t['stderr']:.1f}",
+                str(t["n_problems"]),
+                str(t["n_samples"]),
+                f"{t['extraction_failures']} ({100 * t['extraction_failure_rate']:.1f}%)",
+            )
+    Console().print(table)
+    console.print(f"wrote {out / 'results.json'}")
+
+
+def compare_command(
+    results: list[Path] = typer.Argument(
+        ..., help="results.json files (or their folders); the first is the baseline."
+    ),
+    labels: str = typer.Option(
+        None, "--labels", help="Comma-separated row labels (default: model folder names)."
+    ),
+    plot: Path = typer.Option(None, "--plot", help="Also write a bar chart PNG to this path."),
+) -> None:
+    """Markdown table of pass@1 with deltas against the first run (the paper's Table 3 layout)."""
+    from ..evaluation.compare import compare_table, default_label, load_results, plot_comparison
+
+    try:
+        runs = [load_results(p) for p in results]
+        names = (
+            [s.strip() for s in labels.split(",")]
+            if labels
+            else [default_label(r, p) for r, p in zip(runs, results)]
+        )
+        if len(names) != len(runs):
+            raise ValueError(f"--labels has {len(names)} names for {len(runs)} results files")
+        typer.echo(compare_table(runs, names))
+        if plot is not None:
+            console.print(f"wrote {plot_comparison(runs, names, plot)}")
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        raise _fail(str(e)) from None
+
+
+def grade_command(
+    task: str = typer.Argument(..., help="Task whose grader to use (math_500, aime24, gpqa_diamond, ...)."),
+    samples: Path = typer.Argument(..., help="JSONL with at least `completion` and `gold` per line."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"accuracy": ..., "correct": [...]} only.'),
+    task_files: list[Path] = typer.Option(None, "--task-file", help="YAML/JSON file defining extra tasks."),
+) -> None:
+    """Re-grade saved completions without a model (graders change; old generations stay scorable)."""
+    from ..evaluation.runner import grade_samples
+
+    try:
+        _load_task_files(task_files)
+        if not samples.is_file():
+            raise FileNotFoundError(f"no samples file at {samples}")
+        records = []
+        for number, line in enumerate(samples.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{samples} line {number} is not valid JSON: {e.msg}") from None
+        if not records:
+            raise ValueError(f"{samples} has no lines to grade")
+        accuracy, correct, extracted = grade_samples(task, records)
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps({"accuracy": accuracy, "correct": correct}))
+        return
+    for i, (ok, answer, record) in enumerate(zip(correct, extracted, records), 1):
+        verdict = "correct" if ok else ("no answer" if answer is None else "wrong")
+        typer.echo(f"{i}\t{verdict}\textracted={answer!r}\tgold={record['gold']!r}")
+    failures = sum(a is None for a in extracted)
+    typer.echo(f"accuracy {accuracy:.4f} ({sum(correct)}/{len(correct)}), extraction failures {failures}")

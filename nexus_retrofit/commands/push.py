@@ -1,0 +1,71 @@
+"""`nexus-retrofit push`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def push(
+    model: Path = typer.Argument(..., help="Checkpoint folder to publish."),
+    repo_id: str = typer.Argument(..., help="Hub repository, e.g. your-name/Qwen2.5-1.5B-Nexus."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    results: Path = typer.Option(
+        None, "--results", help="results.json from `nexus-retrofit eval` for the card."
+    ),
+    base_model: str = typer.Option(
+        None, "--base-model", help="Hub id of the base model (when config.json lacks it)."
+    ),
+    recipe: Path = typer.Option(None, "--recipe", help="Training recipe YAML to show on the card."),
+    license: str = typer.Option(
+        None, "--license", help="License id for the card metadata (e.g. apache-2.0)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Write the card and list the files; upload nothing."
+    ),
+    overwrite_card: bool = typer.Option(
+        False, "--overwrite-card", help="Replace a README.md not written by push."
+    ),
+    token: str = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token (default: your login)."),
+) -> None:
+    """Upload a checkpoint (safetensors only) with a model card: settings, usage, recipe, eval table."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ..hub import PushError, push_to_hub
+
+    try:
+        plan = push_to_hub(
+            model,
+            repo_id,
+            private=private,
+            results_path=results,
+            base_model=base_model,
+            recipe=recipe,
+            license=license,
+            dry_run=dry_run,
+            overwrite_card=overwrite_card,
+            token=token,
+        )
+    except (PushError, FileNotFoundError) as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    except HfHubHTTPError as e:
+        console.print(
+            f"[bold red]error:[/] the Hub refused the upload: {e}. Logged in (`hf auth login`) with write access?"
+        )
+        raise typer.Exit(code=1) from None
+    console.print(f"wrote the model card to {plan.card_path}")
+    verb = "would upload" if dry_run else "uploaded"
+    typer.echo(f"{verb} to {repo_id}{' (private)' if private else ''}:")
+    for name in plan.files:
+        typer.echo(f"  {name}")
+    if plan.skipped:
+        typer.echo("left out (pickles, trainer state, caches):")
+        for name in plan.skipped:
+            typer.echo(f"  {name}")
+    if plan.url:
+        console.print(f"[green]done[/]: {plan.url}")

@@ -1,0 +1,462 @@
+"""Run tasks on a model, grade, and write results.json + samples_<task>.jsonl; resume interrupted runs.
+
+Reproducibility rules (DESIGN.md section 5):
+- every setting, package version, dataset revision (or local file sha256) and the model config go
+  into results.json, which is written atomically (temp file, then os.replace) after every task;
+- problems are cut into fixed batches by position (`batch_size` problems each) and every problem has
+  its own seed (seed, task, problem index): the same batch always holds the same problems with the
+  same seeds, so a resumed run regenerates exactly what an uninterrupted one would have;
+- the samples of a problem are appended (and fsynced) as soon as its batch is graded; a resume skips
+  finished problems, and only continues a run whose settings match; a different configuration is
+  never overwritten without `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .backends import Backend, Sampling, default_backend, make_backend, render_prompt
+from .data import load_task_rows
+from .grading import get_grader
+from .tasks import Problem, Task, get_task, stable_int
+
+RESULTS_FORMAT = "nexus-retrofit-eval/1"
+DEFAULT_TASKS = ("math_500", "aime24", "gpqa_diamond")
+DEFAULT_HF_BATCH = 8
+# Settings that do not change what is generated or how it is graded: a resume may differ in them.
+NOT_OUTCOME_SETTINGS = frozenset(
+    {"tasks", "data_dir", "trust_remote_code", "data_parallel_size", "gpu_memory_utilization"}
+)
+
+
+class ResumeError(ValueError):
+    """The output folder holds a run of a different configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Everything that decides an evaluation's numbers (all of it is written to results.json)."""
+
+    model: str
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    backend: str | None = None  # None: vllm when installed, else hf
+    num_samples: int | None = None  # None: each task's own default (DESIGN.md section 5)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 32768
+    seed: int = 1234
+    limit: int | None = None  # first N problems of each task
+    batch_size: int | None = None  # problems per generate call; None: hf 8, vllm all
+    system_prompt: str | None = None
+    data_dir: str | None = None
+    dtype: str = "auto"
+    use_chat_template: bool = True
+    trust_remote_code: bool = False
+    revision: str | None = None  # model revision on the Hub
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            object.__setattr__(self, "tasks", tuple(t.strip() for t in self.tasks.split(",") if t.strip()))
+        if not self.tasks:
+            raise ValueError("no tasks given; e.g. --tasks math_500,aime24,gpqa_diamond")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"a task is listed twice in {list(self.tasks)}")
+        for name, value in (
+            ("limit", self.limit),
+            ("batch_size", self.batch_size),
+            ("num_samples", self.num_samples),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        Sampling(1, self.temperature, self.top_p, self.max_new_tokens)  # validates the ranges
+
+    def resolved(self) -> EvalSettings:
+        backend = self.backend or default_backend()
+        batch = (
+            self.batch_size
+            if self.batch_size is not None
+            else (DEFAULT_HF_BATCH if backend == "hf" else None)
+        )
+        return dataclasses.replace(self, backend=backend, batch_size=batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+
+# ------------------------------------------------------------------------------------------ files
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON so that a reader (or a crash) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def samples_path(output_dir: Path, task_name: str) -> Path:
+    return output_dir / f"samples_{task_name}.jsonl"
+
+
+def read_samples(path: Path, num_samples: int) -> dict[int, list[dict]]:
+    """Finished problems of a samples file: problem_index -> its `num_samples` lines.
+
+    A torn last line (the run was killed mid-write) and problems with fewer lines than samples are
+    dropped from the file, so that the resume regenerates them.
+    """
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # torn final write
+                break
+            raise ResumeError(
+                f"{path} line {number} is not valid JSON; fix or delete the file (or --overwrite)"
+            ) from None
+    by_problem: dict[int, list[dict]] = {}
+    for record in records:
+        by_problem.setdefault(int(record["problem_index"]), []).append(record)
+    finished = {}
+    for index, group in by_problem.items():
+        if sorted(r["sample_index"] for r in group) == list(range(num_samples)):
+            finished[index] = sorted(group, key=lambda r: r["sample_index"])
+        elif len(group) > num_samples:
+            raise ResumeError(f"{path}: problem {index} has {len(group)} samples, expected {num_samples}")
+    kept = [r for r in records if int(r["problem_index"]) in finished]
+    if len(kept) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+    return finished
+
+
+def _append_samples(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def task_metrics(per_problem: dict[int, list[dict]]) -> dict[str, Any]:
+    """pass@1 (mean over problems of the fraction of correct samples), its standard error over
+    problems, and the extraction-failure count and rate."""
+    scores = [sum(bool(r["correct"]) for r in group) / len(group) for group in per_problem.values()]
+    records = [r for group in per_problem.values() for r in group]
+    n = len(scores)
+    mean = sum(scores) / n if n else float("nan")
+    stderr = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n) if n > 1 else 0.0
+    failures = sum(r["extracted"] is None for r in records)
+    tokens = sum(int(r.get("num_tokens", 0)) for r in records)
+    return {
+        "pass@1": mean,
+        "stderr": stderr,
+        "n_problems": n,
+        "n_samples": len(records) // n if n else 0,
+        "n_correct": sum(bool(r["correct"]) for r in records),
+        "extraction_failures": failures,
+        "extraction_failure_rate": failures / len(records) if records else 0.0,
+        "mean_completion_tokens": tokens / len(records) if records else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------- metadata
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in (
+        "nexus-retrofit",
+        "torch",
+        "transformers",
+        "math-verify",
+        "latex2sympy2_extended",
+        "datasets",
+        "vllm",
+    ):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def model_info(model: str, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    """The model's path and config (config.json for a local folder, else AutoConfig)."""
+    path = Path(model)
+    config = None
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        model = str(path.resolve())
+    else:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(
+                model, revision=revision, trust_remote_code=trust_remote_code
+            ).to_dict()
+        except Exception:  # recorded as unknown rather than failing a finished run
+            config = None
+    return {"path": model, "revision": revision, "config": config, "nexus": (config or {}).get("nexus")}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------- plan
+@dataclasses.dataclass
+class _TaskPlan:
+    task: Task
+    problems: list[Problem]
+    source: dict[str, Any]
+    num_samples: int
+    fingerprint: dict[str, Any]
+
+
+def _plan(settings: EvalSettings) -> list[_TaskPlan]:
+    """Load and validate every task's data before any model is loaded (fail fast)."""
+    plans = []
+    for name in settings.tasks:
+        task = get_task(name)
+        rows, source = load_task_rows(task, settings.data_dir)
+        rows = rows[: settings.limit] if settings.limit else rows
+        problems = [task.problem(row, i, settings.seed) for i, row in enumerate(rows)]
+        n = settings.num_samples or task.num_samples
+        data_id = source.get("sha256") or source.get("revision")
+        fingerprint = {
+            "task": task.to_dict(),
+            "data": data_id,
+            "num_samples": n,
+            "n_problems": len(problems),
+            "grader": get_grader(task.grader).describe(),
+        }
+        if task.is_multiple_choice and task.num_choices != 4 and "ABCD" in task.prompt:
+            raise ValueError(f"task {name}: the prompt says ABCD but the task has {task.num_choices} choices")
+        plans.append(_TaskPlan(task, problems, source, n, fingerprint))
+    return plans
+
+
+def _differences(old: dict, new: dict, ignore: frozenset = frozenset()) -> list[str]:
+    keys = sorted((set(old) | set(new)) - ignore)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _prepare_output(output_dir: Path, settings: dict, plans: list[_TaskPlan], overwrite: bool) -> dict | None:
+    """The previous results to continue, None for a fresh run; raise on a configuration mismatch."""
+    results_file = output_dir / "results.json"
+    ours = [samples_path(output_dir, p.task.name) for p in plans]
+    if overwrite:
+        for f in [results_file, *output_dir.glob("samples_*.jsonl")]:
+            f.unlink(missing_ok=True)
+        return None
+    if not results_file.exists():
+        stray = [f.name for f in ours if f.exists()]
+        if stray:
+            raise ResumeError(
+                f"{output_dir} has {', '.join(stray)} but no results.json, so their settings are unknown; pass "
+                "--overwrite to start again, or choose another --output-dir"
+            )
+        return None
+    previous = json.loads(results_file.read_text())
+    if previous.get("format") != RESULTS_FORMAT:
+        raise ResumeError(f"{results_file} is not a nexus-retrofit results file; choose another --output-dir")
+    diff = _differences(previous.get("settings", {}), settings, NOT_OUTCOME_SETTINGS)
+    for plan in plans:
+        old = previous.get("tasks", {}).get(plan.task.name)
+        if old is not None:
+            diff += [
+                f"{plan.task.name}.{d}" for d in _differences(old.get("fingerprint", {}), plan.fingerprint)
+            ]
+    if diff:
+        raise ResumeError(
+            f"{output_dir} holds a run with different settings ({'; '.join(diff)}); resuming it would mix "
+            "configurations. Pass --overwrite to replace it, or choose another --output-dir"
+        )
+    return previous
+
+
+# -------------------------------------------------------------------------------------------- run
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("problems"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[speed]}"),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _run_task(
+    plan: _TaskPlan,
+    settings: EvalSettings,
+    output_dir: Path,
+    get_backend,
+    progress,
+) -> dict[int, list[dict]]:
+    task, n = plan.task, plan.num_samples
+    path = samples_path(output_dir, task.name)
+    done = read_samples(path, n)
+    grader = get_grader(task.grader)
+    sampling = Sampling(n, settings.temperature, settings.top_p, settings.max_new_tokens)
+    size = settings.batch_size or max(len(plan.problems), 1)
+    batches = [plan.problems[i : i + size] for i in range(0, len(plan.problems), size)]
+    bar = progress.add_task(task.name, total=len(plan.problems), completed=len(done), speed="")
+    tokens, started = 0, time.perf_counter()
+    for batch in batches:
+        if all(p.index in done for p in batch):
+            continue
+        backend = get_backend()
+        # The whole batch is regenerated even if part of it was written: same batch, same samples.
+        prompts = [
+            render_prompt(backend.tokenizer, p.prompt, settings.system_prompt, settings.use_chat_template)
+            for p in batch
+        ]
+        seeds = [stable_int("sample", settings.seed, task.name, p.index) for p in batch]
+        generations = backend.generate(prompts, sampling, seeds)
+        for problem, prompt, generation in zip(batch, prompts, generations):
+            if problem.index in done:
+                continue
+            records = []
+            for j, (completion, count) in enumerate(zip(generation.completions, generation.num_tokens)):
+                verdict = grader.grade(completion, problem.gold, task.num_choices or 4)
+                records.append(
+                    {
+                        "task": task.name,
+                        "problem_index": problem.index,
+                        "problem_id": problem.id,
+                        "sample_index": j,
+                        "prompt": prompt,
+                        "completion": completion,
+                        "extracted": verdict.extracted,
+                        "gold": problem.gold,
+                        "correct": verdict.correct,
+                        "num_tokens": count,
+                    }
+                )
+            _append_samples(path, records)
+            done[problem.index] = records
+            tokens += sum(generation.num_tokens)
+            progress.advance(bar)
+        speed = tokens / max(time.perf_counter() - started, 1e-9)
+        progress.update(bar, speed=f"{speed:,.0f} tok/s")
+    return done
+
+
+def evaluate(
+    settings: EvalSettings,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    backend: Backend | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `settings.model` on `settings.tasks`; write and return results.json's content.
+
+    `backend` may be given ready-made (tests, notebooks); otherwise it is built on first need, so a
+    run whose samples are all written again only re-scores them.
+    """
+    settings = settings.resolved()
+    output_dir = Path(output_dir)
+    plans = _plan(settings)  # data and columns are checked before anything is created
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings_dict = settings.to_dict()
+    previous = _prepare_output(output_dir, settings_dict, plans, overwrite)
+
+    results: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
+        "complete": False,
+        "started_at": (previous or {}).get("started_at", _now()),
+        "updated_at": _now(),
+        "model": model_info(settings.model, settings.revision, settings.trust_remote_code),
+        "settings": settings_dict,
+        "versions": package_versions(),
+        "tasks": dict((previous or {}).get("tasks", {})),
+    }
+    for plan in plans:
+        results["tasks"][plan.task.name] = {
+            "complete": False,
+            "samples_file": samples_path(output_dir, plan.task.name).name,
+            "fingerprint": plan.fingerprint,
+            "dataset": plan.source,
+        }
+    results_file = output_dir / "results.json"
+    write_json_atomic(results_file, results)
+
+    holder: dict[str, Backend] = {}
+
+    def get_backend() -> Backend:
+        if backend is not None:
+            return backend
+        if "b" not in holder:
+            holder["b"] = make_backend(
+                settings.backend,
+                settings.model,
+                dtype=settings.dtype,
+                trust_remote_code=settings.trust_remote_code,
+                revision=settings.revision,
+                seed=settings.seed,
+                tensor_parallel_size=settings.tensor_parallel_size,
+                data_parallel_size=settings.data_parallel_size,
+                max_model_len=settings.max_model_len,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+            )
+        return holder["b"]
+
+    try:
+        with _progress(show_progress) as progress:
+            for plan in plans:
+                per_problem = _run_task(plan, settings, output_dir, get_backend, progress)
+                entry = results["tasks"][plan.task.name]
+                entry.update(task_metrics({p.index: per_problem[p.index] for p in plan.problems}))
+                entry["complete"] = True
+                results["updated_at"] = _now()
+                write_json_atomic(results_file, results)
+    finally:
+        if "b" in holder:
+            holder["b"].close()
+    results["complete"] = True
+    results["updated_at"] = _now()
+    write_json_atomic(results_file, results)
+    return results
+
+
+def grade_samples(task_name: str, records: Sequence[dict]) -> tuple[float, list[bool], list[str | None]]:
+    """Re-grade saved completions with the current grader: (accuracy, verdicts, extracted answers)."""
+    task = get_task(task_name)
+    grader = get_grader(task.grader)
+    verdicts = []
+    for i, record in enumerate(records):
+        missing = [k for k in ("completion", "gold") if k not in record]
+        if missing:
+            raise ValueError(
+                f"line {i + 1} has no {missing[0]!r} field (each line needs 'completion' and 'gold')"
+            )
+        verdicts.append(grader.grade(str(record["completion"]), str(record["gold"]), task.num_choices or 4))
+    correct = [v.correct for v in verdicts]
+    return (sum(correct) / len(correct) if correct else 0.0), correct, [v.extracted for v in verdicts]
