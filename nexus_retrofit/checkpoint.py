@@ -70,17 +70,28 @@ def load_causal_lm(
     )
 
 
-def save_tokenizer_files(
-    source: str, target: Path, trust_remote_code: bool = False, revision: str | None = None
-) -> bool:
-    """Copy the source's tokenizer (and chat template) into `target`; False if it has none."""
-    from transformers import AutoTokenizer
+# Files that make up a tokenizer (and its chat template) in a Hugging Face folder.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+    "chat_template.json",
+)
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, revision=revision
-        )
-    except (OSError, ValueError, TypeError):
-        return False
-    tokenizer.save_pretrained(target)
-    return True
+
+def save_tokenizer_files(source: str, target: Path, revision: str | None = None) -> bool:
+    """Copy the source's tokenizer files byte for byte into `target`; False if it has none.
+
+    Copying (rather than loading and saving) keeps the tokenizer exactly as published: a reload
+    through AutoTokenizer may re-type it from the model config.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, revision=revision, allow_patterns=list(TOKENIZER_FILES)))
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, target / name)
+            copied = True
+    return copied

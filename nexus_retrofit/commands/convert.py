@@ -61,7 +61,7 @@ def convert(
         raise fail(str(e)) from None
     with console.status(f"writing {output} ..."), atomic_dir(output, overwrite) as tmp:
         model.save_pretrained(tmp)
-        has_tokenizer = save_tokenizer_files(source, tmp, trust_remote_code, revision)
+        has_tokenizer = save_tokenizer_files(source, tmp, revision)
     console.print(f"[green]wrote[/] {output} ({type(model).__name__}, {settings})")
     if not has_tokenizer:
         console.print("[yellow]note:[/] the source has no tokenizer files; none were copied")
