@@ -1,0 +1,199 @@
+"""vLLM model classes for Nexus checkpoints: vLLM's Qwen2 / Qwen3 / Llama models, Nexus attention.
+
+Everything but the attention is vLLM's own: `Qwen2Model` / `LlamaModel` (embedding, layer stack,
+final norm, tensor-parallel linears, torch.compile), the MLPs, norms, LM head and weight loading
+(HF names; q/k/v and gate/up stacked by vLLM's mapper, Nexus inner modules and gates by name).
+
+The causal-LM classes do not subclass vLLM's `Qwen2ForCausalLM` / `LlamaForCausalLM`: those declare
+LoRA, pipeline-parallel and EAGLE support, which is not tested for Nexus models. What these classes
+support: tensor parallelism (vLLM's parallel linears; `self` gates are sharded like the heads),
+every Nexus setting of the converter, prefix caching and chunked prefill (every sub-attention is an
+ordinary causal vLLM `Attention` with its own paged cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import CacheConfig, VllmConfig
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2MLP, Qwen2Model
+from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
+from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
+from vllm.sequence import IntermediateTensors
+from vllm.transformers_utils.config import set_default_rope_theta
+
+from ..modeling.configuration_nexus import NexusConfig
+from .attention import NexusLlamaAttention, NexusQwen2Attention, NexusQwen3Attention
+
+
+def _check_nexus_config(config) -> NexusConfig:
+    if getattr(config, "nexus", None) is None:
+        raise ValueError(
+            f"{type(config).__name__} has no `nexus` block: not a Nexus checkpoint (convert one with "
+            "`nexus-retrofit convert`)"
+        )
+    if not getattr(config, "is_causal", True):
+        raise NotImplementedError("Nexus models are causal decoders; is_causal=False is not supported")
+    return NexusConfig.from_dict(config.nexus)
+
+
+# ------------------------------------------------------------------------------ decoder layers
+class _NexusQwenDecoderLayer:
+    """vLLM's Qwen2/Qwen3 decoder layer with a Nexus attention; `forward` is vLLM's, inherited.
+
+    vLLM's `__init__` is not called: it would build the stock attention, whose `Attention` registers
+    this layer's name ("Duplicate layer name" when the Nexus one registers it again). This `__init__`
+    builds the same modules as vLLM's, with `_attention` in place of the stock one.
+    """
+
+    def __init__(
+        self,
+        config,
+        cache_config: CacheConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
+        nn.Module.__init__(self)
+        _check_nexus_config(config)
+        self.hidden_size = config.hidden_size
+        set_default_rope_theta(config, default_theta=1000000)
+        self.self_attn = self._attention(config, cache_config, quant_config, f"{prefix}.self_attn")
+        self.mlp = Qwen2MLP(
+            hidden_size=self.hidden_size,
+            intermediate_size=config.intermediate_size,
+            hidden_act=config.hidden_act,
+            quant_config=quant_config,
+            prefix=f"{prefix}.mlp",
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @staticmethod
+    def _attention_kwargs(config, cache_config, quant_config, prefix) -> dict:
+        return dict(
+            nexus=config.nexus,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            max_position=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
+            rms_norm_eps=config.rms_norm_eps,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            dual_chunk_attention_config=getattr(config, "dual_chunk_attention_config", None),
+            prefix=prefix,
+        )
+
+
+class NexusQwen2DecoderLayer(_NexusQwenDecoderLayer, Qwen2DecoderLayer):
+    def _attention(self, config, cache_config, quant_config, prefix) -> NexusQwen2Attention:
+        kwargs = self._attention_kwargs(config, cache_config, quant_config, prefix)
+        return NexusQwen2Attention(**kwargs, qk_norm=getattr(config, "qk_norm", False))
+
+
+class NexusQwen3DecoderLayer(_NexusQwenDecoderLayer, Qwen3DecoderLayer):
+    def _attention(self, config, cache_config, quant_config, prefix) -> NexusQwen3Attention:
+        kwargs = self._attention_kwargs(config, cache_config, quant_config, prefix)
+        return NexusQwen3Attention(
+            **kwargs,
+            head_dim=getattr(config, "head_dim", None),
+            qkv_bias=getattr(config, "attention_bias", False),
+        )
+
+
+class NexusLlamaDecoderLayer(LlamaDecoderLayer):
+    """vLLM's Llama decoder layer; it takes the attention class as an argument."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        _check_nexus_config(config or vllm_config.model_config.hf_config)
+        super().__init__(
+            vllm_config=vllm_config, prefix=prefix, config=config, attn_layer_type=NexusLlamaAttention
+        )
+
+
+# ---------------------------------------------------------------------------------- causal LMs
+class _NexusForCausalLM(nn.Module):
+    """Causal LM over a vLLM base model built with Nexus decoder layers (cf. vLLM's Qwen2ForCausalLM)."""
+
+    hf_to_vllm_mapper = Qwen2Model.hf_to_vllm_mapper  # q/k/v -> qkv_proj, gate/up -> gate_up_proj
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config.get_text_config()
+        self.nexus = _check_nexus_config(config)
+        self.config = config
+        self.quant_config = vllm_config.quant_config
+        self.model = self._init_model(vllm_config, maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(
+            config.vocab_size,
+            config.hidden_size,
+            quant_config=self.quant_config,
+            prefix=maybe_prefix(prefix, "lm_head"),
+        )
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
+
+    def _init_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        raise NotImplementedError
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # `model` has its own load_weights (vLLM's, with the stacking mapper); the rest loads by name.
+        return AutoWeightsLoader(self).load_weights(weights)
+
+
+class NexusQwen2ForCausalLM(_NexusForCausalLM):
+    def _init_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        return Qwen2Model(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=NexusQwen2DecoderLayer)
+
+
+class NexusQwen3ForCausalLM(_NexusForCausalLM):
+    def _init_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        # vLLM's Qwen3Model is Qwen2Model with Qwen3 decoder layers
+        return Qwen2Model(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=NexusQwen3DecoderLayer)
+
+
+class NexusLlamaForCausalLM(_NexusForCausalLM):
+    def _init_model(self, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+        return LlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=NexusLlamaDecoderLayer)
+
+
+class NexusMistralForCausalLM(NexusLlamaForCausalLM):
+    """HF-format Mistral is Llama's layout (vLLM runs it with Llama layers); sliding window from the config."""
+
+
+__all__ = [
+    "NexusLlamaDecoderLayer",
+    "NexusLlamaForCausalLM",
+    "NexusMistralForCausalLM",
+    "NexusQwen2DecoderLayer",
+    "NexusQwen2ForCausalLM",
+    "NexusQwen3DecoderLayer",
+    "NexusQwen3ForCausalLM",
+]

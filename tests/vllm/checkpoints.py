@@ -1,0 +1,126 @@
+"""Tiny Nexus checkpoints (head_dim 64, fp32) with a byte-level BPE tokenizer, built offline in seconds.
+
+vLLM's CPU attention takes head sizes 32, 64, 80, ... (not 16), hence head_dim 64. Gates and inner
+weights are perturbed: with a zero gate a Nexus model equals its base model and hides every bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from nexus_retrofit import NexusConfig, convert
+
+EOS = "<|endoftext|>"
+VOCAB = 320
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Nexus attention refines queries and keys with an inner attention before the outer one.",
+    "Solve 12 + 35 = 47, then 47 * 2 = 94. Therefore, the final answer is: $\\boxed{94}$.",
+    "Answer the following multiple choice question. Answer: B",
+    "vLLM serves large language models with paged attention and continuous batching.",
+] * 20
+
+_COMMON = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=512,
+)
+FAMILIES = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(head_dim=64, sliding_window=None)),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=64, tie_word_embeddings=True)),
+}
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None)
+
+
+def perturb_nexus(model, scale: float = 0.5, seed: int = 1) -> None:
+    """Non-trivial gates and inner weights (same recipe as tests/conftest.py)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".gates." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+            elif ".inner." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def build_checkpoint(out: Path, family: str, nexus: NexusConfig, seed: int = 0) -> Path:
+    """Random base model of `family`, converted with `nexus`, perturbed, saved with its tokenizer."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    tokenizer = build_tokenizer()
+    config = config_cls(
+        **_COMMON,
+        **extra,
+        vocab_size=len(tokenizer),  # every id the model can emit detokenizes
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    base = model_cls(config).eval()
+    model = convert(base, nexus)
+    perturb_nexus(model, seed=seed + 1)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+@contextlib.contextmanager
+def vllm_engine(path: Path, **kwargs):
+    """A `vllm.LLM` for `path` (fp32, eager, tiny KV cache), shut down and cleaned up on exit.
+
+    The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the caller before
+    the first engine): a spawned engine re-imports vLLM, 15-60 s per start on a loaded 2-core box.
+    The multi-process path (plugin loaded by entry point in fresh processes) is what `vllm serve`
+    exercises in test_vllm_serve.py.
+    """
+    import vllm
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    options = dict(
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        kv_cache_memory_bytes=64 << 20,
+        seed=0,
+    )
+    options.update(kwargs)
+    llm = vllm.LLM(model=str(path), **options)
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()

@@ -1,0 +1,127 @@
+"""vLLM runs Nexus checkpoints exactly like the HF implementation (nexus_retrofit.modeling).
+
+For every `inner` (separate, shared, self), orders 1-3, several projection sets, both gates and all
+four families: greedy generations of a batch of prompts of different lengths equal HF `generate`
+token for token, and vLLM's logprob of every generated token equals HF's log_softmax within
+LOGPROB_TOL (fp32). The engine runs with 32-token KV blocks (the smallest vLLM CPU attention takes), chunked prefill in 32-token chunks
+(the longest prompt is prefilled over three steps; generation crosses block boundaries) and prefix caching (a second pass over the same
+prompts reuses cached blocks of every sub-attention and must give the same result).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+from nexus_retrofit import NexusConfig  # noqa: E402
+from tests.vllm.checkpoints import build_checkpoint, vllm_engine  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+LOGPROB_TOL = 1e-4  # fp32; measured worst case across the table below: see the report in each test
+MAX_NEW_TOKENS = 24
+PROMPT_LENGTHS = (5, 30, 70)
+
+CASES = [
+    pytest.param(
+        family,
+        NexusConfig(order=order, projections=proj, inner=inner, gate=gate),
+        id=f"{family}-{inner}-m{order}-{proj}-{gate}",
+    )
+    for family, inner, order, proj, gate in [
+        ("qwen2", "separate", 2, "qk", "zero"),
+        ("qwen2", "shared", 2, "qk", "zero"),
+        ("qwen2", "self", 2, "qk", "zero"),
+        ("qwen2", "separate", 3, "qkv", "zero"),
+        ("qwen2", "self", 3, "qkv", "zero"),
+        ("qwen2", "shared", 3, "q", "none"),
+        ("llama", "separate", 2, "qkv", "zero"),
+        ("llama", "self", 2, "kv", "none"),
+        ("qwen3", "separate", 2, "qk", "zero"),
+        ("mistral", "shared", 2, "qk", "zero"),
+        ("llama", "separate", 1, "qk", "zero"),  # order 1: standard attention, no inner calls
+    ]
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _in_process_engine():
+    threads = torch.get_num_threads()
+    # One thread: on a small shared CPU box, spinning OpenMP threads slow these tiny models 50x.
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see vllm_engine()
+        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # don't pin the pytest process to one core
+        yield
+    torch.set_num_threads(threads)
+
+
+def _prompts(vocab_size: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(1, vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def _hf_greedy(path, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+    """Reference: HF generate (greedy, no EOS stop), one prompt at a time; logprobs of raw logits."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # the package's registered class, no remote code
+    assert type(model).__module__.startswith("nexus_retrofit."), type(model)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=MAX_NEW_TOKENS,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, generation_config=config)
+            tokens = out.sequences[0, ids.shape[1] :].tolist()
+            logprobs = [torch.log_softmax(x[0].double(), -1)[t].item() for x, t in zip(out.logits, tokens)]
+            results.append((tokens, logprobs))
+    return results
+
+
+@pytest.mark.parametrize("family,nexus", CASES)
+def test_vllm_matches_hf(family, nexus, tmp_path):
+    path = build_checkpoint(tmp_path / "ckpt", family, nexus)
+    vocab_size = AutoModelForCausalLM.from_pretrained(path).config.vocab_size
+    prompts = _prompts(vocab_size)
+    reference = _hf_greedy(path, prompts)
+    assert all(len(tokens) == MAX_NEW_TOKENS for tokens, _ in reference)
+
+    params = SamplingParams(
+        temperature=0.0, max_tokens=MAX_NEW_TOKENS, logprobs=1, ignore_eos=True, detokenize=False
+    )
+    requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    start = time.perf_counter()
+    with vllm_engine(path, block_size=32, max_num_batched_tokens=32, enable_prefix_caching=True) as llm:
+        started = time.perf_counter()
+        runs = [llm.generate(requests, params, use_tqdm=False) for _ in range(2)]  # 2nd: prefix-cache hits
+    print(
+        f"\n{family}/{nexus}: engine start {started - start:.1f} s, generation {time.perf_counter() - started:.1f} s"
+    )
+
+    worst = 0.0
+    for run in runs:
+        for prompt, (ref_tokens, ref_logprobs), out in zip(prompts, reference, run):
+            completion = out.outputs[0]
+            tokens = list(completion.token_ids)
+            assert tokens == ref_tokens, f"prompt of {len(prompt)} tokens: vLLM {tokens} != HF {ref_tokens}"
+            logprobs = [step[t].logprob for step, t in zip(completion.logprobs, tokens)]
+            diff = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
+            worst = max(worst, diff)
+    print(f"max |logprob diff| vs HF: {worst:.2e}; tokens {[r[0] for r in reference]}")
+    assert worst <= LOGPROB_TOL
+    assert runs[1][2].num_cached_tokens > 0, "the second pass should hit the prefix cache"
