@@ -53,9 +53,9 @@ def nexus_model_config(base_config, nexus: NexusConfig):
     """The Nexus config for a base config: every base setting plus the `nexus` block."""
     config_cls = FAMILIES[base_config.model_type][0]
     fields = base_config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "nexus"):
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "nexus", "base_model"):
         fields.pop(key, None)
-    config = config_cls(**fields, nexus=nexus.to_dict())
+    config = config_cls(**fields, nexus=nexus.to_dict(), base_model=base_config._name_or_path or None)
     config._attn_implementation = base_config._attn_implementation  # not part of to_dict()
     config._name_or_path = base_config._name_or_path
     return config

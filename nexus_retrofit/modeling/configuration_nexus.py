@@ -131,6 +131,7 @@ class NexusQwen2Config(_NexusConfigMixin, Qwen2Config):
     model_type = "nexus_qwen2"
     nexus_family = "Qwen2"
     nexus: dict | None = None
+    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
 
     def __post_init__(self, **kwargs):
         self._init_nexus()
@@ -142,6 +143,7 @@ class NexusLlamaConfig(_NexusConfigMixin, LlamaConfig):
     model_type = "nexus_llama"
     nexus_family = "Llama"
     nexus: dict | None = None
+    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
 
     def __post_init__(self, **kwargs):
         self._init_nexus()
@@ -153,6 +155,7 @@ class NexusMistralConfig(_NexusConfigMixin, MistralConfig):
     model_type = "nexus_mistral"
     nexus_family = "Mistral"
     nexus: dict | None = None
+    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
 
     def __post_init__(self, **kwargs):
         self._init_nexus()
@@ -164,6 +167,7 @@ class NexusQwen3Config(_NexusConfigMixin, Qwen3Config):
     model_type = "nexus_qwen3"
     nexus_family = "Qwen3"
     nexus: dict | None = None
+    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
 
     def __post_init__(self, **kwargs):
         self._init_nexus()

@@ -42,6 +42,7 @@ def test_convert_writes_a_complete_checkpoint(base_dir, tmp_path):
         "generation_config.json",
     } <= names
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert json.loads((out / "config.json").read_text())["base_model"] == str(base_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # copied byte for byte
         assert (out / name).read_bytes() == (base_dir / name).read_bytes()
 
