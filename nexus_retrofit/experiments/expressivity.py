@@ -70,7 +70,7 @@ class Settings:
     ctx_test: int = 1024  # held-out sequences
     cue_beta: float = 3.0  # logit bonus of tokens matching the cue's colour
     majority_beta: float = 8.0  # logit = beta * (fraction of tokens sharing the key's colour)
-    steps: int = 1500  # Adam steps, full batch, same for every variant
+    steps: int = 1000  # Adam steps, full batch, same for every variant
     lr: float = 1e-2
     seeds: int = 5
     log_every: int = 50
