@@ -34,20 +34,21 @@ CASES = [
     pytest.param(
         family,
         NexusConfig(order=order, projections=proj, inner=inner, gate=gate),
-        id=f"{family}-{inner}-m{order}-{proj}-{gate}",
+        compiled,
+        id=f"{family}-{inner}-m{order}-{proj}-{gate}" + ("-compiled" if compiled else ""),
     )
-    for family, inner, order, proj, gate in [
-        ("qwen2", "separate", 2, "qk", "zero"),
-        ("qwen2", "shared", 2, "qk", "zero"),
-        ("qwen2", "self", 2, "qk", "zero"),
-        ("qwen2", "separate", 3, "qkv", "zero"),
-        ("qwen2", "self", 3, "qkv", "zero"),
-        ("qwen2", "shared", 3, "q", "none"),
-        ("llama", "separate", 2, "qkv", "zero"),
-        ("llama", "self", 2, "kv", "none"),
-        ("qwen3", "separate", 2, "qk", "zero"),
-        ("mistral", "shared", 2, "qk", "zero"),
-        ("llama", "separate", 1, "qk", "zero"),  # order 1: standard attention, no inner calls
+    for family, inner, order, proj, gate, compiled in [
+        ("qwen2", "separate", 2, "qk", "zero", False),
+        ("qwen2", "shared", 2, "qk", "zero", False),
+        ("qwen2", "self", 2, "qk", "zero", False),
+        ("qwen2", "separate", 3, "qkv", "zero", False),
+        ("qwen2", "self", 3, "qkv", "zero", True),  # torch.compile, vLLM's default (not enforce_eager)
+        ("qwen2", "shared", 3, "q", "none", False),
+        ("llama", "separate", 2, "qkv", "zero", False),
+        ("llama", "self", 2, "kv", "none", False),
+        ("qwen3", "separate", 2, "qk", "zero", False),
+        ("mistral", "shared", 2, "qk", "zero", False),
+        ("llama", "separate", 1, "qk", "zero", False),  # order 1: standard attention, no inner calls
     ]
 ]
 
@@ -93,8 +94,8 @@ def _hf_greedy(path, prompts: list[list[int]]) -> list[tuple[list[int], list[flo
     return results
 
 
-@pytest.mark.parametrize("family,nexus", CASES)
-def test_vllm_matches_hf(family, nexus, tmp_path):
+@pytest.mark.parametrize("family,nexus,compiled", CASES)
+def test_vllm_matches_hf(family, nexus, compiled, tmp_path):
     path = build_checkpoint(tmp_path / "ckpt", family, nexus)
     vocab_size = AutoModelForCausalLM.from_pretrained(path).config.vocab_size
     prompts = _prompts(vocab_size)
@@ -106,7 +107,10 @@ def test_vllm_matches_hf(family, nexus, tmp_path):
     )
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     start = time.perf_counter()
-    with vllm_engine(path, block_size=32, max_num_batched_tokens=32, enable_prefix_caching=True) as llm:
+    options = dict(
+        block_size=32, max_num_batched_tokens=32, enable_prefix_caching=True, enforce_eager=not compiled
+    )
+    with vllm_engine(path, **options) as llm:
         started = time.perf_counter()
         runs = [llm.generate(requests, params, use_tqdm=False) for _ in range(2)]  # 2nd: prefix-cache hits
     print(
