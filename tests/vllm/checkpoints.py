@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -85,17 +87,21 @@ def perturb_nexus(model, scale: float = 0.5, seed: int = 1) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def build_checkpoint(out: Path, family: str, nexus: NexusConfig, seed: int = 0) -> Path:
-    """Random base model of `family`, converted with `nexus`, perturbed, saved with its tokenizer."""
+def build_checkpoint(out: Path, family: str, nexus: NexusConfig, seed: int = 0, **overrides) -> Path:
+    """Random base model of `family`, converted with `nexus`, perturbed, saved with its tokenizer.
+
+    `overrides` change the base config (e.g. more heads for a tensor-parallel test)."""
     config_cls, model_cls, extra = FAMILIES[family]
     tokenizer = build_tokenizer()
-    config = config_cls(
+    fields = {
         **_COMMON,
         **extra,
-        vocab_size=len(tokenizer),  # every id the model can emit detokenizes
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+        "vocab_size": len(tokenizer),  # every id the model can emit detokenizes
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **overrides,
+    }
+    config = config_cls(**fields)
     torch.manual_seed(seed)
     base = model_cls(config).eval()
     model = convert(base, nexus)
@@ -103,6 +109,40 @@ def build_checkpoint(out: Path, family: str, nexus: NexusConfig, seed: int = 0) 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return Path(out)
+
+
+def random_prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 7) -> list[list[int]]:
+    """Token-id prompts of the given lengths (no EOS id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(
+    path: Path, prompts: list[list[int]], max_new_tokens: int
+) -> list[tuple[list[int], list[float]]]:
+    """Reference: HF `generate` (greedy, no EOS stop), one prompt at a time, with the log_softmax
+    of the raw logits at each generated token: (tokens, logprobs) per prompt."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # the package's registered class: no remote code
+    assert type(model).__module__.startswith("nexus_retrofit."), type(model)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, generation_config=config)
+            tokens = out.sequences[0, ids.shape[1] :].tolist()
+            logprobs = [torch.log_softmax(x[0].double(), -1)[t].item() for x, t in zip(out.logits, tokens)]
+            assert len(tokens) == max_new_tokens
+            results.append((tokens, logprobs))
+    return results
 
 
 @contextlib.contextmanager

@@ -12,14 +12,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from nexus_retrofit import NexusConfig  # noqa: E402
 from nexus_retrofit.cli import app  # noqa: E402
 from tests.vllm.checkpoints import build_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_in_process")]
 
 MATH_ROWS = [  # HuggingFaceH4/MATH-500's columns
     {
@@ -42,11 +41,7 @@ def _samples(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_eval_command_with_vllm_backend(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: no respawn
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def test_eval_command_with_vllm_backend(tmp_path):
     checkpoint = build_checkpoint(
         tmp_path / "nexus", "qwen2", NexusConfig(order=2, inner="self", projections="qk")
     )
@@ -71,26 +66,13 @@ def test_eval_command_with_vllm_backend(tmp_path, monkeypatch):
         "--no-progress",
     ]
     runner = CliRunner()
-    try:
-        vllm_run = runner.invoke(
-            app,
-            [
-                *common,
-                "--backend",
-                "vllm",
-                "--max-model-len",
-                "512",
-                "--gpu-memory-utilization",
-                "0.3",
-                "--output-dir",
-                str(tmp_path / "vllm"),
-            ],
-        )
-        assert vllm_run.exit_code == 0, vllm_run.output
-        hf_run = runner.invoke(app, [*common, "--backend", "hf", "--output-dir", str(tmp_path / "hf")])
-        assert hf_run.exit_code == 0, hf_run.output
-    finally:
-        torch.set_num_threads(threads)
+    vllm_options = ["--max-model-len", "512", "--gpu-memory-utilization", "0.3"]
+    vllm_run = runner.invoke(
+        app, [*common, "--backend", "vllm", *vllm_options, "--output-dir", str(tmp_path / "vllm")]
+    )
+    assert vllm_run.exit_code == 0, vllm_run.output
+    hf_run = runner.invoke(app, [*common, "--backend", "hf", "--output-dir", str(tmp_path / "hf")])
+    assert hf_run.exit_code == 0, hf_run.output
 
     results = json.loads((tmp_path / "vllm" / "results.json").read_text())
     assert results["complete"] and results["settings"]["backend"] == "vllm"

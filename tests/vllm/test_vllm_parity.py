@@ -16,15 +16,14 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from nexus_retrofit import NexusConfig  # noqa: E402
-from tests.vllm.checkpoints import build_checkpoint, vllm_engine  # noqa: E402
+from tests.vllm.checkpoints import build_checkpoint, hf_greedy, random_prompts, vllm_engine  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_in_process")]
 
 LOGPROB_TOL = 1e-4  # fp32; measured worst case across the table below: see the report in each test
 MAX_NEW_TOKENS = 24
@@ -53,53 +52,12 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _in_process_engine():
-    threads = torch.get_num_threads()
-    # One thread: on a small shared CPU box, spinning OpenMP threads slow these tiny models 50x.
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see vllm_engine()
-        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # don't pin the pytest process to one core
-        yield
-    torch.set_num_threads(threads)
-
-
-def _prompts(vocab_size: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(1, vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
-
-
-def _hf_greedy(path, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
-    """Reference: HF generate (greedy, no EOS stop), one prompt at a time; logprobs of raw logits."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    # the package's registered class, no remote code
-    assert type(model).__module__.startswith("nexus_retrofit."), type(model)
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=MAX_NEW_TOKENS,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    results = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(ids, generation_config=config)
-            tokens = out.sequences[0, ids.shape[1] :].tolist()
-            logprobs = [torch.log_softmax(x[0].double(), -1)[t].item() for x, t in zip(out.logits, tokens)]
-            results.append((tokens, logprobs))
-    return results
-
-
 @pytest.mark.parametrize("family,nexus,compiled", CASES)
 def test_vllm_matches_hf(family, nexus, compiled, tmp_path):
     path = build_checkpoint(tmp_path / "ckpt", family, nexus)
     vocab_size = AutoModelForCausalLM.from_pretrained(path).config.vocab_size
-    prompts = _prompts(vocab_size)
-    reference = _hf_greedy(path, prompts)
+    prompts = random_prompts(vocab_size, PROMPT_LENGTHS)
+    reference = hf_greedy(path, prompts, MAX_NEW_TOKENS)
     assert all(len(tokens) == MAX_NEW_TOKENS for tokens, _ in reference)
 
     params = SamplingParams(

@@ -108,7 +108,11 @@ def test_vllm_serve_answers_completion(checkpoint, tmp_path):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+    # vLLM's own processes and logging, as a user gets them; one OpenMP thread on the shared cores
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_CONFIGURE_LOGGING="1"
+    )
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     command = [
         *_vllm_command(),
         "serve",
