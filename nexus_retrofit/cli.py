@@ -10,6 +10,7 @@ import typer
 
 from .commands import bench as bench_commands
 from .commands import convert as convert_commands
+from .commands import demo as demo_commands
 from .commands import evaluate as evaluate_commands
 from .commands import experiment as experiment_commands
 from .commands import push as push_commands
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.command("convert")(convert_commands.convert)
 app.command("inspect")(convert_commands.inspect)
 app.add_typer(bench_commands.bench_app, name="bench")
+app.command("demo")(demo_commands.demo)
 # --- commands registered by other modules (one line each) ---
 app.command("experiment")(experiment_commands.experiment)
 app.command("eval")(evaluate_commands.eval_command)
