@@ -129,3 +129,10 @@ def test_rows_render_one_problem_consistently():
 def test_boxed_answer():
     assert boxed_answer("a $\\boxed{3}$ then $\\boxed{ 12 }$") == "12"
     assert boxed_answer("no box") is None
+
+
+def test_prompt_matches_the_eval_harness():
+    """The model must see in training exactly the user message the eval harness sends."""
+    from nexus_retrofit.evaluation.tasks import MATH_PROMPT as HARNESS_PROMPT
+
+    assert HARNESS_PROMPT.replace("{problem}", "PROBLEM") == MATH_PROMPT + "PROBLEM"

@@ -1,4 +1,4 @@
-"""The rebuild script's pieces, without pretraining: labels, the shared-prefix loss, safe output."""
+"""The rebuild script's pieces, and a 3-step smoke run (never a real pretraining) in a temp folder."""
 
 from __future__ import annotations
 
@@ -91,7 +91,6 @@ def test_refuses_to_overwrite(build, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-@pytest.mark.slow
 def test_end_to_end_smoke(build, tmp_path):
     out = tmp_path / "tiny"
     build.main(
@@ -106,3 +105,22 @@ def test_end_to_end_smoke(build, tmp_path):
         "TRAINING.md",
     } <= names
     assert "--steps 3" in (out / "TRAINING.md").read_text()
+
+
+def test_length_grouped_batches_cover_an_epoch(build):
+    import random
+
+    lengths = [random.Random(i).randint(50, 110) for i in range(1000)]
+    batches = build.length_grouped_batches(lengths, 16, random.Random(0))
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat)) >= 1000 - 16 and all(len(b) == 16 for b in batches)
+    assert batches == build.length_grouped_batches(lengths, 16, random.Random(0))
+
+
+def test_drills_are_solution_steps(build, tokenizer):
+    problems = generate_problems(40, TWO_STEP, seed=4)
+    drills = build.drill_examples(tokenizer, problems, lines=8, seed=0)
+    assert len(drills) == 80 // 8
+    lines = [line for d in drills for line in tokenizer.decode(d.input_ids).splitlines()]
+    assert sorted(lines) == sorted(f"{s}." for p in problems for s in p.steps)
+    assert all(d.labels == d.input_ids for d in drills)
