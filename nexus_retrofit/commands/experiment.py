@@ -11,9 +11,7 @@ console = Console(stderr=True)
 
 
 def experiment(
-    name: str = typer.Argument(
-        ..., help="Experiment: expressivity, multihop (ablation when the tiny model exists)."
-    ),
+    name: str = typer.Argument(..., help="Experiment: expressivity, multihop or ablation."),
     quick: bool = typer.Option(False, "--quick", help="Smoke version: under a minute, 1 seed, few steps."),
     seeds: int = typer.Option(
         None, "--seeds", min=1, help="Number of seeds 0..N-1 (default: the experiment's)."

@@ -3,7 +3,7 @@
 * `expressivity`: Theorem 3.1 (linear bottleneck of attention) made concrete, with a token-wise
   nonlinear control that tells context mixing from mere nonlinearity.
 * `multihop`: two-hop pointer chasing in one layer (the reasoning claim), parameter-matched.
-* `ablation`: Table 2 in miniature on the embedded tiny model (when the training code exists).
+* `ablation`: Table 2 in miniature on the embedded tiny model (TRL SFT through `nexus-retrofit train`).
 
 Each experiment module exposes `run(output_dir, quick=False, seeds=None, threads=1) -> ExperimentOutput`
 and is imported only when run (torch stays out of `--help`).
@@ -20,6 +20,7 @@ from .common import ExperimentOutput, default_output_dir
 EXPERIMENTS: dict[str, str] = {
     "expressivity": "expressivity",
     "multihop": "multihop",
+    "ablation": "ablation",
 }
 
 
