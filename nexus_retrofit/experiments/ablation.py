@@ -224,12 +224,19 @@ def sft(model, tokenizer, settings: Settings, seed: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- run
 def run(
-    output_dir: Path, quick: bool = False, seeds: int | None = None, threads: int = 1
+    output_dir: Path,
+    quick: bool = False,
+    seeds: int | None = None,
+    threads: int = 1,
+    settings: Settings | None = None,
 ) -> ExperimentOutput:
-    """Baseline and every Nexus row with the same SFT budget; held-out accuracy and loss."""
+    """Baseline and every Nexus row with the same SFT budget; held-out accuracy and loss.
+
+    `settings` replaces the full/quick defaults (e.g. another inner_lr_multiplier or a subset of rows).
+    """
     from ..demo.assets import tiny_model_path
 
-    settings = QUICK if quick else Settings()
+    settings = settings or (QUICK if quick else Settings())
     if seeds is not None:
         settings = dataclasses.replace(settings, seeds=seeds)
     limit_threads(threads)
