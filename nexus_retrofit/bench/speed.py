@@ -39,12 +39,24 @@ VARIANTS: list[tuple[str, NexusConfig | None]] = [
 # Layer shape of Qwen2.5-0.5B (hidden 896, 14 heads, 2 KV heads, head_dim 64), and a tiny whole model.
 LAYER_CONFIG = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
 TINY_MODEL_CONFIG = dict(
-    hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=512, tie_word_embeddings=True, max_position_embeddings=4096,
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
 )
 QWEN_05B_CONFIG = dict(
-    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-    vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
 )
 
 
@@ -82,7 +94,14 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def build_model(nexus: NexusConfig | None, config: dict, device: str, dtype: torch.dtype, attn: str, layers: int | None = None):
+def build_model(
+    nexus: NexusConfig | None,
+    config: dict,
+    device: str,
+    dtype: torch.dtype,
+    attn: str,
+    layers: int | None = None,
+):
     """A random model of `config` (optionally converted), with non-zero gates so nothing is skipped."""
     fields = {**config, **({"num_hidden_layers": layers} if layers else {})}
     base_config = Qwen2Config(**fields)
@@ -118,8 +137,15 @@ def _causal_mask(n: int, attn: str, device: str, dtype: torch.dtype) -> torch.Te
     return torch.full((n, n), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
 
 
-def bench_layer(seq_lens: list[int], device: str, dtype: torch.dtype, attn: str, repeats: int, batch: int = 1,
-                layer_config: dict | None = None) -> list[LayerResult]:
+def bench_layer(
+    seq_lens: list[int],
+    device: str,
+    dtype: torch.dtype,
+    attn: str,
+    repeats: int,
+    batch: int = 1,
+    layer_config: dict | None = None,
+) -> list[LayerResult]:
     layer_config = layer_config or LAYER_CONFIG
     results: list[LayerResult] = []
     for n in seq_lens:
@@ -132,11 +158,11 @@ def bench_layer(seq_lens: list[int], device: str, dtype: torch.dtype, attn: str,
             pos = torch.arange(n, device=device)[None].expand(batch, n)
             cos_sin = model.model.rotary_emb(x, pos)
 
-            def forward(layer=layer, x=x, cos_sin=cos_sin):
+            def forward(layer=layer, x=x, cos_sin=cos_sin, mask=mask):
                 with torch.no_grad():
                     return layer(x, position_embeddings=cos_sin, attention_mask=mask)
 
-            def train_step(layer=layer, x=x, cos_sin=cos_sin):
+            def train_step(layer=layer, x=x, cos_sin=cos_sin, mask=mask):
                 out, _ = layer(x.requires_grad_(), position_embeddings=cos_sin, attention_mask=mask)
                 out.float().sum().backward()
 
@@ -154,8 +180,17 @@ def bench_layer(seq_lens: list[int], device: str, dtype: torch.dtype, attn: str,
             if base_times is None:
                 base_times = (fwd, trn)
             results.append(
-                LayerResult(label, n, calls, fwd * 1e3, trn * 1e3, fwd / (calls * base_times[0]),
-                            trn / (calls * base_times[1]), probe.largest / 2**20, peak)
+                LayerResult(
+                    label,
+                    n,
+                    calls,
+                    fwd * 1e3,
+                    trn * 1e3,
+                    fwd / (calls * base_times[0]),
+                    trn / (calls * base_times[1]),
+                    probe.largest / 2**20,
+                    peak,
+                )
             )
             del model, layer
     return results
@@ -169,8 +204,17 @@ class ModelResult:
     decode_tokens_per_s_b32: float
 
 
-def bench_model(config: dict, device: str, dtype: torch.dtype, attn: str, repeats: int, train_len: int,
-                prompt_len: int, new_tokens: int, train_batch: int = 8) -> list[ModelResult]:
+def bench_model(
+    config: dict,
+    device: str,
+    dtype: torch.dtype,
+    attn: str,
+    repeats: int,
+    train_len: int,
+    prompt_len: int,
+    new_tokens: int,
+    train_batch: int = 8,
+) -> list[ModelResult]:
     results = []
     for label, nexus in VARIANTS:
         model = build_model(nexus, config, device, dtype, attn)
@@ -194,7 +238,9 @@ def bench_model(config: dict, device: str, dtype: torch.dtype, attn: str, repeat
 
             def generate(model=model, prompt=prompt):
                 with torch.no_grad():
-                    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                    model.generate(
+                        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+                    )
 
             decode[b] = b * new_tokens / median_time(generate, device, repeats)
         results.append(ModelResult(label, train_batch * train_len / train_s, decode[1], decode[32]))
@@ -205,9 +251,14 @@ def bench_model(config: dict, device: str, dtype: torch.dtype, attn: str, repeat
 def environment(device: str) -> dict:
     import transformers
 
-    env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads()}
+    env = {
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -222,23 +273,39 @@ def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = payload["environment"]["device"]
-    md = [f"# Nexus speed ({tag})", "", f"`{json.dumps(payload['environment'])}`", "",
-          f"Settings: `{json.dumps(payload['settings'])}`", "",
-          "## One attention layer (Qwen2.5-0.5B shape), ratio = time / (distinct calls x base time)", "",
-          "| variant | n | calls | fwd ms | fwd ratio | fwd+bwd ms | train ratio | largest activation MiB |"
-          + (" peak MiB |" if tag == "cuda" else ""),
-          "|---|---|---|---|---|---|---|---|" + ("---|" if tag == "cuda" else "")]
+    md = [
+        f"# Nexus speed ({tag})",
+        "",
+        f"`{json.dumps(payload['environment'])}`",
+        "",
+        f"Settings: `{json.dumps(payload['settings'])}`",
+        "",
+        "## One attention layer (Qwen2.5-0.5B shape), ratio = time / (distinct calls x base time)",
+        "",
+        "| variant | n | calls | fwd ms | fwd ratio | fwd+bwd ms | train ratio | largest activation MiB |"
+        + (" peak MiB |" if tag == "cuda" else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if tag == "cuda" else ""),
+    ]
     for r in layer:
-        row = (f"| {r.variant} | {r.seq_len} | {r.distinct_calls} | {r.forward_ms:.1f} | {r.forward_ratio:.2f} | "
-               f"{r.train_ms:.1f} | {r.train_ratio:.2f} | {r.largest_activation_mib:.1f} |")
+        row = (
+            f"| {r.variant} | {r.seq_len} | {r.distinct_calls} | {r.forward_ms:.1f} | {r.forward_ratio:.2f} | "
+            f"{r.train_ms:.1f} | {r.train_ratio:.2f} | {r.largest_activation_mib:.1f} |"
+        )
         md.append(row + (f" {r.peak_memory_mib:.0f} |" if tag == "cuda" else ""))
-    md += ["", "## Whole model", "", "| variant | SFT tokens/s | x base | decode tok/s b=1 | x base | decode tok/s b=32 | x base |",
-           "|---|---|---|---|---|---|---|"]
+    md += [
+        "",
+        "## Whole model",
+        "",
+        "| variant | SFT tokens/s | x base | decode tok/s b=1 | x base | decode tok/s b=32 | x base |",
+        "|---|---|---|---|---|---|---|",
+    ]
     base = model[0]
     for r in model:
-        md.append(f"| {r.variant} | {r.train_tokens_per_s:.0f} | {r.train_tokens_per_s / base.train_tokens_per_s:.2f} | "
-                  f"{r.decode_tokens_per_s_b1:.1f} | {r.decode_tokens_per_s_b1 / base.decode_tokens_per_s_b1:.2f} | "
-                  f"{r.decode_tokens_per_s_b32:.1f} | {r.decode_tokens_per_s_b32 / base.decode_tokens_per_s_b32:.2f} |")
+        md.append(
+            f"| {r.variant} | {r.train_tokens_per_s:.0f} | {r.train_tokens_per_s / base.train_tokens_per_s:.2f} | "
+            f"{r.decode_tokens_per_s_b1:.1f} | {r.decode_tokens_per_s_b1 / base.decode_tokens_per_s_b1:.2f} | "
+            f"{r.decode_tokens_per_s_b32:.1f} | {r.decode_tokens_per_s_b32 / base.decode_tokens_per_s_b32:.2f} |"
+        )
     files = {
         f"speed_{tag}.json": json.dumps(payload, indent=2),
         f"speed_{tag}.md": "\n".join(md) + "\n",
@@ -253,11 +320,18 @@ def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: 
         rows = [r for r in layer if r.variant == label]
         axes[0].plot([r.seq_len for r in rows], [r.train_ratio for r in rows], marker="o", label=label)
     axes[0].axhline(1.15, color="gray", ls="--", lw=1, label="goal 1.15")
-    axes[0].set(xlabel="sequence length", ylabel="fwd+bwd time / (calls x base)", title="one layer", xscale="log")
+    axes[0].set(
+        xlabel="sequence length", ylabel="fwd+bwd time / (calls x base)", title="one layer", xscale="log"
+    )
     axes[0].legend(fontsize=7)
     labels = [r.variant for r in model]
     axes[1].bar(labels, [r.train_tokens_per_s / base.train_tokens_per_s for r in model], label="SFT")
-    axes[1].bar(labels, [r.decode_tokens_per_s_b1 / base.decode_tokens_per_s_b1 for r in model], alpha=0.5, label="decode b=1")
+    axes[1].bar(
+        labels,
+        [r.decode_tokens_per_s_b1 / base.decode_tokens_per_s_b1 for r in model],
+        alpha=0.5,
+        label="decode b=1",
+    )
     axes[1].set(ylabel="tokens/s relative to base", title="whole model")
     axes[1].tick_params(axis="x", rotation=45, labelsize=7)
     axes[1].legend(fontsize=7)
@@ -270,13 +344,20 @@ def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: 
     return out_dir / f"speed_{tag}.md"
 
 
-def run_speed_bench(device: str = "cpu", seq_lens: list[int] | None = None, quick: bool = False,
-                    out_dir: Path = Path("eval/results/perf"), attn: str = "sdpa") -> Path:
+def run_speed_bench(
+    device: str = "cpu",
+    seq_lens: list[int] | None = None,
+    quick: bool = False,
+    out_dir: Path = Path("eval/results/perf"),
+    attn: str = "sdpa",
+) -> Path:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if seq_lens is None:
-        seq_lens = ([256, 512] if quick else [256, 512, 1024, 2048]) if device == "cpu" else [1024, 4096, 16384]
+        seq_lens = (
+            ([256, 512] if quick else [256, 512, 1024, 2048]) if device == "cpu" else [1024, 4096, 16384]
+        )
     repeats = 2 if quick else 5
     layer = bench_layer(seq_lens, device, dtype, attn, repeats)
     if device == "cpu":
@@ -286,9 +367,18 @@ def run_speed_bench(device: str = "cpu", seq_lens: list[int] | None = None, quic
     model = bench_model(model_cfg, device, dtype, attn, repeats, train_len, prompt_len, new_tokens)
     payload = {
         "environment": environment(device),
-        "settings": {"seq_lens": seq_lens, "repeats": repeats, "attn_implementation": attn, "dtype": str(dtype),
-                     "layer_config": LAYER_CONFIG, "model_config": model_cfg, "train_len": train_len,
-                     "prompt_len": prompt_len, "new_tokens": new_tokens, "quick": quick},
+        "settings": {
+            "seq_lens": seq_lens,
+            "repeats": repeats,
+            "attn_implementation": attn,
+            "dtype": str(dtype),
+            "layer_config": LAYER_CONFIG,
+            "model_config": model_cfg,
+            "train_len": train_len,
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "quick": quick,
+        },
         "layer": [r.__dict__ for r in layer],
         "model": [r.__dict__ for r in model],
     }

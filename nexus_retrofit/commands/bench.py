@@ -6,16 +6,24 @@ from pathlib import Path
 
 import typer
 
-bench_app = typer.Typer(help="Benchmarks: measured numbers, ratios against the base model in the same process.")
+bench_app = typer.Typer(
+    help="Benchmarks: measured numbers, ratios against the base model in the same process."
+)
 
 
 @bench_app.command("speed")
 def speed(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    seq_lens: str = typer.Option(None, "--seq-lens", help="Comma-separated sequence lengths (default by device)."),
+    seq_lens: str = typer.Option(
+        None, "--seq-lens", help="Comma-separated sequence lengths (default by device)."
+    ),
     quick: bool = typer.Option(False, "--quick", help="A short smoke run (fewer lengths and repeats)."),
-    attn: str = typer.Option("sdpa", "--attn", help="Attention implementation: sdpa, eager or flash_attention_2."),
-    output_dir: Path = typer.Option(Path("eval/results/perf"), "--output-dir", help="Where JSON/markdown/PNG go."),
+    attn: str = typer.Option(
+        "sdpa", "--attn", help="Attention implementation: sdpa, eager or flash_attention_2."
+    ),
+    output_dir: Path = typer.Option(
+        Path("eval/results/perf"), "--output-dir", help="Where JSON/markdown/PNG go."
+    ),
 ) -> None:
     """One attention layer and the whole model, base vs Nexus variants (orders 2 and 3)."""
     from rich.console import Console

@@ -439,8 +439,11 @@ def evaluate(
                 entry = results["tasks"][plan.task.name]
                 entry.update(task_metrics({p.index: per_problem[p.index] for p in plan.problems}))
                 if tokens:  # throughput of what this invocation generated (a resume counts only its part)
-                    entry["throughput"] = {"generated_tokens": tokens, "generation_seconds": seconds,
-                                           "tokens_per_second": tokens / max(seconds, 1e-9)}
+                    entry["throughput"] = {
+                        "generated_tokens": tokens,
+                        "generation_seconds": seconds,
+                        "tokens_per_second": tokens / max(seconds, 1e-9),
+                    }
                 entry["complete"] = True
                 results["updated_at"] = _now()
                 write_json_atomic(results_file, results)

@@ -116,10 +116,11 @@ class _NexusConfigMixin:
 
     nexus_family: str
 
-    def _init_nexus(self) -> None:
+    def __post_init__(self, **kwargs):
         self.nexus = NexusConfig.from_dict(self.nexus).to_dict()
         if not getattr(self, "auto_map", None):
             self.auto_map = _auto_map(self.nexus_family)
+        super().__post_init__(**kwargs)
 
     @property
     def nexus_config(self) -> NexusConfig:
@@ -133,10 +134,6 @@ class NexusQwen2Config(_NexusConfigMixin, Qwen2Config):
     nexus: dict | None = None
     base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
 
-    def __post_init__(self, **kwargs):
-        self._init_nexus()
-        super().__post_init__(**kwargs)
-
 
 @strict
 class NexusLlamaConfig(_NexusConfigMixin, LlamaConfig):
@@ -144,10 +141,6 @@ class NexusLlamaConfig(_NexusConfigMixin, LlamaConfig):
     nexus_family = "Llama"
     nexus: dict | None = None
     base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
-
-    def __post_init__(self, **kwargs):
-        self._init_nexus()
-        super().__post_init__(**kwargs)
 
 
 @strict
@@ -157,10 +150,6 @@ class NexusMistralConfig(_NexusConfigMixin, MistralConfig):
     nexus: dict | None = None
     base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
 
-    def __post_init__(self, **kwargs):
-        self._init_nexus()
-        super().__post_init__(**kwargs)
-
 
 @strict
 class NexusQwen3Config(_NexusConfigMixin, Qwen3Config):
@@ -168,10 +157,6 @@ class NexusQwen3Config(_NexusConfigMixin, Qwen3Config):
     nexus_family = "Qwen3"
     nexus: dict | None = None
     base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
-
-    def __post_init__(self, **kwargs):
-        self._init_nexus()
-        super().__post_init__(**kwargs)
 
 
 for _cls in (NexusQwen2Config, NexusLlamaConfig, NexusMistralConfig, NexusQwen3Config):

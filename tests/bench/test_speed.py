@@ -27,8 +27,12 @@ def test_sdpa_memory_grows_linearly_and_eager_control_does_not(tmp_path):
     assert _growth(eager, "base") >= 3.5  # eager materialises n x n scores: the probe sees it
 
     models = [ModelResult(label, 100.0, 10.0, 50.0) for label, _ in VARIANTS]
-    payload = {"environment": environment("cpu"), "settings": {}, "layer": [r.__dict__ for r in sdpa],
-               "model": [m.__dict__ for m in models]}
+    payload = {
+        "environment": environment("cpu"),
+        "settings": {},
+        "layer": [r.__dict__ for r in sdpa],
+        "model": [m.__dict__ for m in models],
+    }
     report = write_report(tmp_path, payload, sdpa, models)
     assert "separate-qk-m2" in report.read_text()
     assert json.loads((tmp_path / "speed_cpu.json").read_text())["layer"][0]["variant"] == "base"
