@@ -36,15 +36,13 @@ def convert(
     """Convert a Qwen2/Qwen2.5/Qwen3/Llama/Mistral checkpoint to Nexus attention."""
     import torch
 
-    from ..checkpoint import atomic_dir, check_output_dir, load_causal_lm, save_tokenizer_files
+    from ..checkpoint import atomic_dir, check_output_dir, load_causal_lm, save_tokenizer_files, torch_dtype
     from ..converter import convert as convert_model
     from ..modeling import NexusConfig
 
     try:  # validate everything before loading gigabytes
         settings = NexusConfig(order=order, projections=proj, inner=inner, gate=gate, inner_init=inner_init)
         check_output_dir(output, overwrite)
-        from ..checkpoint import torch_dtype
-
         torch_dtype(dtype)
     except (ValueError, FileExistsError) as e:
         raise fail(str(e)) from None

@@ -43,17 +43,11 @@ from .common import (
     set_seed,
     write_outputs,
 )
-from .layers import MixerSpec, NexusMixer, count_parameters
+from .layers import QK_VARIANTS, MixerSpec, NexusMixer, count_parameters
 
 NAME = "expressivity"
 
-VARIANTS: dict[str, MixerSpec] = {
-    "standard": MixerSpec("standard"),
-    "mlp": MixerSpec("mlp", "qk"),
-    "separate": MixerSpec("separate", "qk"),
-    "shared": MixerSpec("shared", "qk"),
-    "self": MixerSpec("self", "qk"),
-}
+VARIANTS: dict[str, MixerSpec] = QK_VARIANTS
 
 
 @dataclasses.dataclass(frozen=True)

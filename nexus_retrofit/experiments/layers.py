@@ -65,6 +65,17 @@ class MixerSpec:
         return f"nexus-{proj} {self.variant}{order}"
 
 
+# The variants every experiment compares: standard attention, the token-wise control, the three
+# Nexus readings (all refining Q and K).
+QK_VARIANTS: dict[str, MixerSpec] = {
+    "standard": MixerSpec("standard"),
+    "mlp": MixerSpec("mlp", "qk"),
+    "separate": MixerSpec("separate", "qk"),
+    "shared": MixerSpec("shared", "qk"),
+    "self": MixerSpec("self", "qk"),
+}
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
