@@ -41,3 +41,28 @@ def speed(
         report = run_speed_bench(device, lens, quick, output_dir, attn)
     console.print(report.read_text())
     console.print(f"[green]wrote[/] {report.parent}")
+
+
+@bench_app.command("counts")
+def counts(
+    seq_len: int = typer.Option(2048, "--seq-len", help="Training sequence length for the FLOP count."),
+    output_dir: Path = typer.Option(
+        Path("eval/results/perf"), "--output-dir", help="Where counts.json and counts.md go."
+    ),
+) -> None:
+    """FLOPs per training token, kernels per decode step and bytes at Qwen2.5 0.5B/1.5B/7B shapes.
+
+    Hardware-independent (meta device and a small stand-in; seconds on a CPU): each ratio to the
+    base model is the best tokens/s ratio that regime allows on any GPU.
+    """
+    from rich.console import Console
+
+    from ..bench.counts import count_all, write_counts
+
+    if seq_len < 1:
+        raise typer.BadParameter(f"--seq-len must be a positive integer, got {seq_len}")
+    console = Console()
+    with console.status("counting ..."):
+        report = write_counts(count_all(seq_len), output_dir, seq_len)
+    console.print(report.read_text())
+    console.print(f"[green]wrote[/] {report.parent}")

@@ -55,6 +55,17 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (_rotate_half(x) * sin)
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is exactly `linear(x, weight, bias)`: safe to fuse with others."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
+
+
 class _KernelView:
     """What an attention kernel reads from its `module` argument, for a fused inner call.
 
@@ -70,6 +81,77 @@ class _KernelView:
 
     def __getattr__(self, name: str):
         return getattr(self._module, name)
+
+
+class _Projector:
+    """Q/K/V heads of one layer's forward pass: `heads(modules, p, x)` is the p-projection of every
+    module in `modules` on input x, as heads (B, n, |modules| * h, d) stacked in module order,
+    pre-RoPE (Qwen3's per-head norm applied).
+
+    Memoised for the forward pass: an unrefined projection reads the same X at every level (V for
+    QK, and the `shared` outer V, which is its level-1 inner V), so it is computed once. When q, k
+    and v all read one X (level 1), every projection of every module is one matmul on the
+    concatenated weights, laid out [q of each module | k ... | v ...] so each block, and the q+k
+    block that RoPE reads, is a view: one kernel instead of 3|P| linears and their concatenations,
+    and decoding time is made of kernels. The weights are concatenated per call (no second copy is
+    kept), and only plain nn.Linear projections are fused (a PEFT/LoRA-wrapped or hooked projection
+    keeps its own call).
+    """
+
+    def __init__(self, head_dim: int):
+        self.head_dim = head_dim
+        self.memo: dict[tuple, torch.Tensor] = {}  # keyed by (module ids, p, id(input))
+        self.inputs: list[torch.Tensor] = []  # keeps every keyed input alive, so no id is reused
+
+    def _key(self, modules: list[nn.Module], p: str, x: torch.Tensor) -> tuple:
+        self.inputs.append(x)
+        return (tuple(map(id, modules)), p, id(x))
+
+    def _as_heads(self, y: torch.Tensor) -> torch.Tensor:
+        return y.view(*y.shape[:-1], -1, self.head_dim)
+
+    def _normed(self, modules: list[nn.Module], p: str, block: torch.Tensor) -> torch.Tensor:
+        if p == "v" or not hasattr(modules[0], "q_norm"):
+            return block
+        parts = block.chunk(len(modules), dim=2)  # Qwen3: each module's own RMSNorm per head
+        return torch.cat([getattr(m, f"{p}_norm")(part) for m, part in zip(modules, parts)], dim=2)
+
+    def _fuse(self, modules: list[nn.Module], x: torch.Tensor) -> bool:
+        linears = [getattr(m, f"{p}_proj") for p in "qkv" for m in modules]
+        has_bias = {lin.bias is not None for lin in linears}
+        if len(linears) < 3 or not all(map(_is_plain_linear, linears)) or len(has_bias) > 1:
+            return False
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias for lin in linears]) if has_bias == {True} else None
+        y = nn.functional.linear(x, weight, bias)  # (B, n, sum of out_features)
+        k = len(modules)
+        widths = [sum(lin.out_features for lin in linears[i * k : (i + 1) * k]) for i in range(3)]
+        q, kk, v = y.split(widths, dim=-1)
+        for p, block in zip("qkv", (q, kk, v)):
+            self.memo[self._key(modules, p, x)] = self._normed(modules, p, self._as_heads(block))
+        if not hasattr(modules[0], "q_norm"):
+            self.memo[self._key(modules, "qk", x)] = self._as_heads(y[..., : widths[0] + widths[1]])
+        return True
+
+    def heads(
+        self, modules: list[nn.Module], p: str, x: torch.Tensor, same_input: bool = False
+    ) -> torch.Tensor:
+        """p-heads of `modules` on x; `same_input`: q, k and v of this call all read x (fusable)."""
+        key = self._key(modules, p, x)
+        if key not in self.memo and not (same_input and self._fuse(modules, x)):
+            parts = [self._as_heads(getattr(m, f"{p}_proj")(x)) for m in modules]
+            self.memo[key] = self._normed(
+                modules, p, parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            )
+        return self.memo[key]
+
+    def qk_heads(self, modules: list[nn.Module], xq: torch.Tensor, xk: torch.Tensor, same_input: bool):
+        """Query and key heads stacked (B, n, Hq + Hk, d) and the query head count: a view when fused."""
+        q = self.heads(modules, "q", xq, same_input)
+        joint = self.memo.get(self._key(modules, "qk", xq)) if xq is xk else None
+        if joint is None:
+            joint = torch.cat([q, self.heads(modules, "k", xk, same_input)], dim=2)
+        return joint, q.shape[2]
 
 
 class NexusAttentionMixin:
@@ -135,19 +217,8 @@ class NexusAttentionMixin:
                 )
         return cache.update(key, value, slot)
 
-    @staticmethod
-    def _project(module: nn.Module, xq, xk, xv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q, K, V heads (B, h, n, d) of an attention module on (possibly refined) inputs, pre-RoPE."""
-        shape = (*xq.shape[:-1], -1, module.head_dim)
-        q = module.q_proj(xq).view(shape)
-        k = module.k_proj(xk).view(shape)
-        if hasattr(module, "q_norm"):  # Qwen3: RMSNorm on each head before RoPE
-            q, k = module.q_norm(q), module.k_norm(k)
-        v = module.v_proj(xv).view(shape)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
     def _attend(self, q, k, v, attention_mask, past_key_values, slot: int, groups: int, **kwargs):
-        """One attention kernel call through transformers' dispatch; returns (B, n, heads, d)."""
+        """One attention kernel call through transformers' dispatch on (B, heads, n, d); returns (B, n, heads, d)."""
         if past_key_values is not None:
             if slot == self.layer_idx:
                 k, v = past_key_values.update(k, v, slot)
@@ -172,23 +243,32 @@ class NexusAttentionMixin:
             return inner_out  # the paper's form: X_p = Inner_p(X)
         gate = self.gates[p]
         if self.nexus.inner == "self":
-            gate = gate.view(self._heads(p), 1, self.head_dim)  # per head and dimension
-        return base + gate * inner_out  # X_p = X + g_p * Inner_p(X)
+            gate = gate.view(self._heads(p), self.head_dim)  # per head and dimension; heads are (B, n, h, d)
+        return torch.addcmul(base, gate, inner_out)  # X_p = X + g_p * Inner_p(X), one kernel
+
+    @staticmethod
+    def _rope_qk(qk: torch.Tensor, q_heads: int, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on query and key heads stacked (B, n, Hq + Hk, d) in one pass; q, k as (B, heads, n, d).
+
+        One RoPE instead of one per tensor: fewer kernels per layer. Per element, the base model's
+        arithmetic.
+        """
+        z = _rope(qk.transpose(1, 2), cos, sin)
+        return z[:, :q_heads], z[:, q_heads:]
 
     # ------------------------------------------------------------------------- inner attention
-    def _refine_inputs(self, x, inputs, level, cos, sin, attention_mask, past_key_values, **kwargs):
+    def _refine_inputs(self, x, inputs, level, project, cos, sin, attention_mask, past_key_values, **kwargs):
         """One level of `separate`/`shared`: new refined inputs {p: X_p^(level)} from inputs^(level-1)."""
         xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
         if self.nexus.inner == "shared":
             modules = [self]  # Eq. 12: the layer's own attention; one pass serves every projection
         else:
             modules = [self.inner[p] for p in self.nexus.projections]
-        qs, ks, vs = zip(*(self._project(m, xq, xk, xv) for m in modules))
         # Fuse the |P| independent attentions of this level by stacking heads: with the same GQA
         # grouping inside each block, head i of block b still reads KV head b*Hkv + i // groups.
-        q = _rope(torch.cat(qs, dim=1), cos, sin)
-        k = _rope(torch.cat(ks, dim=1), cos, sin)
-        v = torch.cat(vs, dim=1)
+        same_input = xq is xk is xv
+        q, k = self._rope_qk(*project.qk_heads(modules, xq, xk, same_input), cos, sin)
+        v = project.heads(modules, "v", xv, same_input).transpose(1, 2)
         out, _ = self._attend(
             q,
             k,
@@ -199,8 +279,8 @@ class NexusAttentionMixin:
             self.num_key_value_groups,
             **kwargs,
         )
-        outs = out.chunk(len(modules), dim=2)  # (B, n, H, d) per module
-        ys = [m.o_proj(o.reshape(*x.shape[:-1], -1)) for m, o in zip(modules, outs)]
+        out = out.view(*x.shape[:-1], len(modules), -1)  # (B, n, modules, H*d): no copy per module
+        ys = [m.o_proj(out[..., i, :]) for i, m in enumerate(modules)]
         if self.nexus.inner == "shared":
             ys = ys * len(self.nexus.projections)
         refined = dict(inputs)
@@ -209,16 +289,18 @@ class NexusAttentionMixin:
         return refined
 
     def _refine_heads(self, base, heads, level, cos, sin, attention_mask, past_key_values, **kwargs):
-        """One level of `self` (Eq. 7-8): P' = softmax(R(P) R(P)^T s + M) P per head, then gated."""
+        """One level of `self` (Eq. 7-8): P' = softmax(R(P) R(P)^T s + M) P per head, then gated.
+
+        Heads are (B, n, h, d), pre-RoPE; every refined projection's heads go in one kernel call.
+        """
         ps = self.nexus.projections
-        z = torch.cat([heads[p] for p in ps], dim=1)  # (B, H + Hkv [+ Hkv], n, d)
+        z = torch.cat([heads[p] for p in ps], dim=2).transpose(1, 2)  # (B, H + Hkv [+ Hkv], n, d)
         rz = _rope(z, cos, sin)
         out, _ = self._attend(
             rz, rz, z, attention_mask, past_key_values, self._cache_slot(level), 1, **kwargs
-        )
-        out = out.transpose(1, 2)  # (B, heads, n, d)
+        )  # (B, n, heads, d)
         refined = dict(heads)
-        for p, o in zip(ps, out.split([self._heads(p) for p in ps], dim=1)):
+        for p, o in zip(ps, out.split([self._heads(p) for p in ps], dim=2)):
             refined[p] = self._gated(base[p], o, p)
         return refined
 
@@ -234,26 +316,37 @@ class NexusAttentionMixin:
         x = hidden_states  # (B, n, hidden)
         cos, sin = position_embeddings
         levels = range(1, self.nexus.order)
+        project = _Projector(self.head_dim)
         if self.nexus.inner == "self":
-            q, k, v = self._project(self, x, x, x)
-            base = {"q": q, "k": k, "v": v}
+            base = {p: project.heads([self], p, x, same_input=True) for p in "qkv"}  # (B, n, h, d)
             heads = base
             for level in levels:
                 heads = self._refine_heads(
                     base, heads, level, cos, sin, attention_mask, past_key_values, **kwargs
                 )
             q, k, v = heads["q"], heads["k"], heads["v"]
+            qk, q_heads = torch.cat([q, k], dim=2), q.shape[2]
         else:
             inputs = {"q": x, "k": x, "v": x}
             for level in levels:
                 inputs = self._refine_inputs(
-                    x, inputs, level, cos, sin, attention_mask, past_key_values, **kwargs
+                    x, inputs, level, project, cos, sin, attention_mask, past_key_values, **kwargs
                 )
-            q, k, v = self._project(self, inputs["q"], inputs["k"], inputs["v"])
+            xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
+            same_input = xq is xk is xv
+            qk, q_heads = project.qk_heads([self], xq, xk, same_input)
+            v = project.heads([self], "v", xv, same_input)
         # Outer attention: exactly the base layer's computation on the refined Q/K/V.
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        q, k = self._rope_qk(qk, q_heads, cos, sin)
         out, weights = self._attend(
-            q, k, v, attention_mask, past_key_values, self.layer_idx, self.num_key_value_groups, **kwargs
+            q,
+            k,
+            v.transpose(1, 2),
+            attention_mask,
+            past_key_values,
+            self.layer_idx,
+            self.num_key_value_groups,
+            **kwargs,
         )
         out = out.reshape(*x.shape[:-1], -1).contiguous()
         return self.o_proj(out), weights

@@ -268,3 +268,54 @@ def test_gradient_checkpointing_matches(ids):
     grads_ckpt = torch.autograd.grad(loss_ckpt, [p for n, p in model.named_parameters() if ".gates." in n])
     assert torch.allclose(loss, loss_ckpt)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_ckpt))
+
+
+# 7. fused projections: one matmul per level, exactly the per-module computation ---------------
+def _hook_projections(model, names=("q_proj", "k_proj", "v_proj")) -> list[str]:
+    """A forward hook on every q/k/v projection: hooked modules are never fused. Returns call log."""
+    calls: list[str] = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in names:
+            module.register_forward_hook(lambda mod, args, out, name=name: calls.append(name))
+    return calls
+
+
+FUSION_CASES = [
+    pytest.param(family, inner, order, proj, id=f"{family}-{inner}-m{order}-{proj}")
+    for family in FAMILIES
+    for inner in INNERS
+    for order, proj in ((2, "qk"), (3, "qkv"))
+]
+
+
+@pytest.mark.parametrize("family,inner,order,proj", FUSION_CASES)
+def test_fused_projections_equal_separate_module_calls(family, inner, order, proj, ids):
+    model = _nexus_model(family, inner, order, proj, "zero")
+    fused = _logits(model, ids)
+    calls = _hook_projections(model)
+    unfused = _logits(model, ids)
+    assert calls, "hooks must force the per-module path"
+    assert (fused - unfused).abs().max().item() <= 1e-5
+
+
+def test_peft_lora_on_an_inner_projection_is_not_bypassed(ids):
+    from peft import LoraConfig, get_peft_model
+
+    model = _nexus_model("qwen2", "separate", 2, "qk", "zero")
+    before = _logits(model, ids)
+    lora = get_peft_model(
+        model, LoraConfig(r=4, target_modules=r".*\.inner\.q\.q_proj", init_lora_weights=False)
+    )
+    assert (_logits(lora, ids) - before).abs().max().item() > 1e-4  # the adapter is in the forward pass
+
+
+@pytest.mark.parametrize(
+    "inner,module", [("shared", "self_attn.v_proj"), ("separate", "self_attn.inner.q.v_proj")]
+)
+def test_an_unrefined_projection_runs_once_per_layer_at_every_order(inner, module):
+    model = _nexus_model("qwen2", inner, 3, "qk", "zero")
+    calls = _hook_projections(model, names=("v_proj",))
+    with torch.no_grad():
+        model(torch.randint(1, 101, (1, 9)))
+    layers = model.config.num_hidden_layers
+    assert sum(c.endswith(module) for c in calls) == layers  # V of X: shared by both levels (and the outer)
