@@ -31,29 +31,7 @@ from ..converter import nexus_model_config
 from ..inspection import cache_slots
 from ..modeling import NexusConfig
 from ..modeling.modeling_nexus import NexusQwen2ForCausalLM
-from .speed import QWEN_05B_CONFIG, VARIANTS
-
-QWEN_15B_CONFIG = dict(
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    max_position_embeddings=32768,
-)
-QWEN_7B_CONFIG = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    tie_word_embeddings=False,
-    max_position_embeddings=32768,
-)
-SHAPES = {"Qwen2.5-0.5B": QWEN_05B_CONFIG, "Qwen2.5-1.5B": QWEN_15B_CONFIG, "Qwen2.5-7B": QWEN_7B_CONFIG}
+from .shapes import SHAPES, VARIANTS
 
 # aten ops that only re-describe memory: no kernel runs for them
 _VIEW_OPS = frozenset(
@@ -127,6 +105,11 @@ def _per_layer(fn, config: dict, nexus: NexusConfig | None, **kwargs) -> float:
     return one + (two - one) * (config["num_hidden_layers"] - 1)
 
 
+def model_train_flops(config: dict, nexus: NexusConfig | None, seq_len: int) -> float:
+    """Training FLOPs of one sequence at the config's full depth."""
+    return _per_layer(train_flops, config, nexus, seq_len=seq_len)
+
+
 def parameters_and_cache(config: dict, nexus: NexusConfig | None) -> tuple[int, float]:
     """Parameter count, and KV-cache bytes per token relative to the base model's."""
     model = _build(config, nexus, config["num_hidden_layers"], "meta")
@@ -153,7 +136,7 @@ def count_all(seq_len: int = 2048, shapes: dict[str, dict] | None = None) -> lis
     for shape, config in (shapes or SHAPES).items():
         base: CountRow | None = None
         for label, nexus in VARIANTS:
-            flops = _per_layer(train_flops, config, nexus, seq_len=seq_len) / seq_len
+            flops = model_train_flops(config, nexus, seq_len) / seq_len
             kernels = int(_per_layer(decode_kernels, config, nexus))
             params, cache_ratio = parameters_and_cache(config, nexus)
             ref = base or CountRow(shape, label, flops, kernels, params, 1, 1, 1, 1)

@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,40 +25,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..converter import convert
 from ..modeling import NexusConfig
-
-# Variants measured: (label, NexusConfig or None for the base model)
-VARIANTS: list[tuple[str, NexusConfig | None]] = [
-    ("base", None),
-    ("separate-qk-m2", NexusConfig(order=2, inner="separate")),
-    ("shared-qk-m2", NexusConfig(order=2, inner="shared")),
-    ("self-qk-m2", NexusConfig(order=2, inner="self")),
-    ("separate-qk-m3", NexusConfig(order=3, inner="separate")),
-    ("shared-qk-m3", NexusConfig(order=3, inner="shared")),
-    ("self-qk-m3", NexusConfig(order=3, inner="self")),
-]
-
-# Layer shape of Qwen2.5-0.5B (hidden 896, 14 heads, 2 KV heads, head_dim 64), and a tiny whole model.
-LAYER_CONFIG = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
-TINY_MODEL_CONFIG = dict(
-    hidden_size=192,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-    tie_word_embeddings=True,
-    max_position_embeddings=4096,
-)
-QWEN_05B_CONFIG = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    max_position_embeddings=32768,
-)
+from .counts import model_train_flops
+from .shapes import LAYER_CONFIG, QWEN_05B_CONFIG, TINY_MODEL_CONFIG, VARIANTS
 
 
 def _sync(device: str) -> None:
@@ -65,18 +34,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn` in seconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
+def _timed(fn: Callable[[], object], device: str) -> float:
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def paired_times(
+    base: Callable[[], object], variant: Callable[[], object], device: str, repeats: int, warmup: int = 1
+) -> tuple[float, float, float]:
+    """Medians of base time, variant time and variant/base, timed alternately (A/B/A/B...).
+
+    Alternating puts both under the same machine state (clock, other tenants), so their ratio
+    holds even where absolute times drift between runs, as they do on shared machines.
+    """
+    for _ in range(warmup):
+        base()
+        variant()
+    pairs = [(_timed(base, device), _timed(variant, device)) for _ in range(repeats)]
+    return (
+        statistics.median(b for b, _ in pairs),
+        statistics.median(v for _, v in pairs),
+        statistics.median(v / b for b, v in pairs),
+    )
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -137,6 +119,23 @@ def _causal_mask(n: int, attn: str, device: str, dtype: torch.dtype) -> torch.Te
     return torch.full((n, n), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
 
 
+def _layer_steps(nexus: NexusConfig | None, layer_config: dict, x, pos, mask, device: str, dtype, attn: str):
+    """Forward and forward+backward closures of one attention layer on fixed inputs."""
+    model = build_model(nexus, {**layer_config, "vocab_size": 128}, device, dtype, attn, layers=1)
+    layer = model.model.layers[0].self_attn
+    cos_sin = model.model.rotary_emb(x, pos)
+
+    def forward():
+        with torch.no_grad():
+            return layer(x, position_embeddings=cos_sin, attention_mask=mask)
+
+    def train_step():
+        out, _ = layer(x.detach().requires_grad_(), position_embeddings=cos_sin, attention_mask=mask)
+        out.float().sum().backward()
+
+    return forward, train_step
+
+
 def bench_layer(
     seq_lens: list[int],
     device: str,
@@ -149,25 +148,16 @@ def bench_layer(
     layer_config = layer_config or LAYER_CONFIG
     results: list[LayerResult] = []
     for n in seq_lens:
-        base_times: tuple[float, float] | None = None
         mask = _causal_mask(n, attn, device, dtype)
+        x = torch.randn(batch, n, layer_config["hidden_size"], device=device, dtype=dtype)
+        pos = torch.arange(n, device=device)[None].expand(batch, n)
+
+        setup = (layer_config, x, pos, mask, device, dtype, attn)
+        base_forward, base_train = _layer_steps(None, *setup)
         for label, nexus in VARIANTS:
-            model = build_model(nexus, {**layer_config, "vocab_size": 128}, device, dtype, attn, layers=1)
-            layer = model.model.layers[0].self_attn
-            x = torch.randn(batch, n, layer_config["hidden_size"], device=device, dtype=dtype)
-            pos = torch.arange(n, device=device)[None].expand(batch, n)
-            cos_sin = model.model.rotary_emb(x, pos)
-
-            def forward(layer=layer, x=x, cos_sin=cos_sin, mask=mask):
-                with torch.no_grad():
-                    return layer(x, position_embeddings=cos_sin, attention_mask=mask)
-
-            def train_step(layer=layer, x=x, cos_sin=cos_sin, mask=mask):
-                out, _ = layer(x.requires_grad_(), position_embeddings=cos_sin, attention_mask=mask)
-                out.float().sum().backward()
-
-            fwd = median_time(forward, device, repeats)
-            trn = median_time(train_step, device, repeats)
+            forward, train_step = _layer_steps(nexus, *setup)
+            _, fwd, fwd_ratio = paired_times(base_forward, forward, device, repeats)
+            _, trn, trn_ratio = paired_times(base_train, train_step, device, repeats)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 train_step()
@@ -177,8 +167,6 @@ def bench_layer(
             with _LargestTensor() as probe:
                 forward()
             calls = nexus.distinct_attention_calls if nexus else 1
-            if base_times is None:
-                base_times = (fwd, trn)
             results.append(
                 LayerResult(
                     label,
@@ -186,13 +174,12 @@ def bench_layer(
                     calls,
                     fwd * 1e3,
                     trn * 1e3,
-                    fwd / (calls * base_times[0]),
-                    trn / (calls * base_times[1]),
+                    fwd_ratio / calls,
+                    trn_ratio / calls,
                     probe.largest / 2**20,
                     peak,
                 )
             )
-            del model, layer
     return results
 
 
@@ -202,6 +189,43 @@ class ModelResult:
     train_tokens_per_s: float
     decode_tokens_per_s_b1: float
     decode_tokens_per_s_b32: float
+    # tokens/s relative to the base model, medians of ratios of alternating (paired) timings
+    train_vs_base: float = 1.0
+    decode_b1_vs_base: float = 1.0
+    decode_b32_vs_base: float = 1.0
+    # FLOPs(base) / FLOPs(variant) of the same training step: the compute-bound ceiling of train_vs_base
+    train_flop_bound: float = 1.0
+
+
+def _model_steps(
+    nexus: NexusConfig | None,
+    config: dict,
+    device: str,
+    dtype,
+    attn: str,
+    ids,
+    prompts: dict,
+    new_tokens: int,
+):
+    """An SFT step closure (AdamW) and a greedy `generate(batch)` closure of one whole model."""
+    model = build_model(nexus, config, device, dtype, attn)
+    model.generation_config.pad_token_id = 0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def train_step():
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def generate(batch: int):
+        model.eval()
+        with torch.no_grad():
+            model.generate(
+                prompts[batch], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+
+    return train_step, generate
 
 
 def bench_model(
@@ -215,36 +239,33 @@ def bench_model(
     new_tokens: int,
     train_batch: int = 8,
 ) -> list[ModelResult]:
+    vocab = config["vocab_size"]
+    ids = torch.randint(1, vocab, (train_batch, train_len), device=device)
+    prompts = {b: torch.randint(1, vocab, (b, prompt_len), device=device) for b in (1, 32)}
+
+    setup = (config, device, dtype, attn, ids, prompts, new_tokens)
+    base_train, base_generate = _model_steps(None, *setup)
+    base_flops = model_train_flops(config, None, train_len)
     results = []
     for label, nexus in VARIANTS:
-        model = build_model(nexus, config, device, dtype, attn)
-        model.generation_config.pad_token_id = 0
-        vocab = config["vocab_size"]
-        ids = torch.randint(1, vocab, (train_batch, train_len), device=device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def train_step(model=model, ids=ids, opt=opt):
-            model.train()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        train_s = median_time(train_step, device, repeats)
-        model.eval()
-        decode = {}
+        train_step, generate = _model_steps(nexus, *setup)
+        _, train_s, train_ratio = paired_times(base_train, train_step, device, repeats)
+        decode, ratios = {}, {}
         for b in (1, 32):
-            prompt = torch.randint(1, vocab, (b, prompt_len), device=device)
-
-            def generate(model=model, prompt=prompt):
-                with torch.no_grad():
-                    model.generate(
-                        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-                    )
-
-            decode[b] = b * new_tokens / median_time(generate, device, repeats)
-        results.append(ModelResult(label, train_batch * train_len / train_s, decode[1], decode[32]))
-        del model, opt
+            _, seconds, ratio = paired_times(partial(base_generate, b), partial(generate, b), device, repeats)
+            decode[b], ratios[b] = b * new_tokens / seconds, 1 / ratio
+        results.append(
+            ModelResult(
+                label,
+                train_batch * train_len / train_s,
+                decode[1],
+                decode[32],
+                1 / train_ratio,
+                ratios[1],
+                ratios[32],
+                base_flops / model_train_flops(config, nexus, train_len),
+            )
+        )
     return results
 
 
@@ -282,6 +303,9 @@ def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: 
         "",
         "## One attention layer (Qwen2.5-0.5B shape), ratio = time / (distinct calls x base time)",
         "",
+        "Every ratio is the median over alternating base/variant timings (paired), so machine drift "
+        "between variants cancels.",
+        "",
         "| variant | n | calls | fwd ms | fwd ratio | fwd+bwd ms | train ratio | largest activation MiB |"
         + (" peak MiB |" if tag == "cuda" else ""),
         "|---|---|---|---|---|---|---|---|" + ("---|" if tag == "cuda" else ""),
@@ -296,15 +320,18 @@ def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: 
         "",
         "## Whole model",
         "",
-        "| variant | SFT tokens/s | x base | decode tok/s b=1 | x base | decode tok/s b=32 | x base |",
-        "|---|---|---|---|---|---|---|",
+        "x base: median of paired ratios (the base row, base against a second base run, shows the "
+        "noise). SFT FLOP bound: FLOPs(base) / FLOPs(variant) of the same step, the most a "
+        "compute-bound step can reach (`bench counts`).",
+        "",
+        "| variant | SFT tokens/s | x base | SFT FLOP bound | decode tok/s b=1 | x base | decode tok/s b=32 | x base |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    base = model[0]
     for r in model:
         md.append(
-            f"| {r.variant} | {r.train_tokens_per_s:.0f} | {r.train_tokens_per_s / base.train_tokens_per_s:.2f} | "
-            f"{r.decode_tokens_per_s_b1:.1f} | {r.decode_tokens_per_s_b1 / base.decode_tokens_per_s_b1:.2f} | "
-            f"{r.decode_tokens_per_s_b32:.1f} | {r.decode_tokens_per_s_b32 / base.decode_tokens_per_s_b32:.2f} |"
+            f"| {r.variant} | {r.train_tokens_per_s:.0f} | {r.train_vs_base:.2f} | {r.train_flop_bound:.2f} | "
+            f"{r.decode_tokens_per_s_b1:.1f} | {r.decode_b1_vs_base:.2f} | "
+            f"{r.decode_tokens_per_s_b32:.1f} | {r.decode_b32_vs_base:.2f} |"
         )
     files = {
         f"speed_{tag}.json": json.dumps(payload, indent=2),
@@ -325,10 +352,10 @@ def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: 
     )
     axes[0].legend(fontsize=7)
     labels = [r.variant for r in model]
-    axes[1].bar(labels, [r.train_tokens_per_s / base.train_tokens_per_s for r in model], label="SFT")
+    axes[1].bar(labels, [r.train_vs_base for r in model], label="SFT")
     axes[1].bar(
         labels,
-        [r.decode_tokens_per_s_b1 / base.decode_tokens_per_s_b1 for r in model],
+        [r.decode_b1_vs_base for r in model],
         alpha=0.5,
         label="decode b=1",
     )

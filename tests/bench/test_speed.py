@@ -37,3 +37,23 @@ def test_sdpa_memory_grows_linearly_and_eager_control_does_not(tmp_path):
     assert "separate-qk-m2" in report.read_text()
     assert json.loads((tmp_path / "speed_cpu.json").read_text())["layer"][0]["variant"] == "base"
     assert (tmp_path / "speed_cpu.png").stat().st_size > 0
+
+
+def test_paired_times_alternate_and_report_the_variant_over_base_ratio():
+    import time
+
+    from nexus_retrofit.bench.speed import paired_times
+
+    order = []
+
+    def base():
+        order.append("b")
+        time.sleep(0.002)
+
+    def variant():
+        order.append("v")
+        time.sleep(0.006)
+
+    base_s, variant_s, ratio = paired_times(base, variant, "cpu", repeats=5, warmup=1)
+    assert order == ["b", "v"] * 6  # warm-up pair, then strictly alternating
+    assert base_s < variant_s and 1.8 < ratio < 4.5
