@@ -84,7 +84,6 @@ def decode_kernels(config: dict, nexus: NexusConfig | None, layers: int, prompt_
     # Same structure (GQA grouping, biases, tying) at small widths: widths do not change the count.
     small = {**config, "num_attention_heads": 2 * groups, "num_key_value_heads": 2, "vocab_size": 128}
     small.update(hidden_size=16 * groups, intermediate_size=32 * groups)  # head_dim 8
-    torch.manual_seed(0)
     model = _build(small, nexus, layers, "cpu").eval()
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
@@ -134,25 +133,30 @@ class CountRow:
 def count_all(seq_len: int = 2048, shapes: dict[str, dict] | None = None) -> list[CountRow]:
     rows: list[CountRow] = []
     for shape, config in (shapes or SHAPES).items():
-        base: CountRow | None = None
-        for label, nexus in VARIANTS:
-            flops = model_train_flops(config, nexus, seq_len) / seq_len
-            kernels = int(_per_layer(decode_kernels, config, nexus))
-            params, cache_ratio = parameters_and_cache(config, nexus)
-            ref = base or CountRow(shape, label, flops, kernels, params, 1, 1, 1, 1)
-            row = CountRow(
-                shape,
+        counted = [
+            (
                 label,
-                flops,
-                kernels,
-                params,
-                cache_ratio,
-                ref.train_flops_per_token / flops,
-                ref.decode_kernels_per_step / kernels,
-                ref.parameters / params,
+                model_train_flops(config, nexus, seq_len) / seq_len,
+                int(_per_layer(decode_kernels, config, nexus)),
+                *parameters_and_cache(config, nexus),
             )
-            base = base or row
-            rows.append(row)
+            for label, nexus in VARIANTS
+        ]
+        _, base_flops, base_kernels, base_params, _ = counted[0]  # VARIANTS starts with the base
+        for label, flops, kernels, params, cache_ratio in counted:
+            rows.append(
+                CountRow(
+                    shape,
+                    label,
+                    flops,
+                    kernels,
+                    params,
+                    cache_ratio,
+                    base_flops / flops,
+                    base_kernels / kernels,
+                    base_params / params,
+                )
+            )
     return rows
 
 

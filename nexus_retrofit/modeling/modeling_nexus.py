@@ -106,9 +106,13 @@ class _Projector:
         self.memo: dict[tuple, torch.Tensor] = {}  # keyed by (module ids, p, id(input))
         self.inputs: list[torch.Tensor] = []  # keeps every keyed input alive, so no id is reused
 
-    def _key(self, modules: list[nn.Module], p: str, x: torch.Tensor) -> tuple:
-        self.inputs.append(x)
+    @staticmethod
+    def _key(modules: list[nn.Module], p: str, x: torch.Tensor) -> tuple:
         return (tuple(map(id, modules)), p, id(x))
+
+    def _store(self, modules: list[nn.Module], p: str, x: torch.Tensor, heads: torch.Tensor) -> None:
+        self.inputs.append(x)
+        self.memo[self._key(modules, p, x)] = heads
 
     def _as_heads(self, y: torch.Tensor) -> torch.Tensor:
         return y.view(*y.shape[:-1], -1, self.head_dim)
@@ -122,7 +126,7 @@ class _Projector:
     def _fuse(self, modules: list[nn.Module], x: torch.Tensor) -> bool:
         linears = [getattr(m, f"{p}_proj") for p in "qkv" for m in modules]
         has_bias = {lin.bias is not None for lin in linears}
-        if len(linears) < 3 or not all(map(_is_plain_linear, linears)) or len(has_bias) > 1:
+        if not all(map(_is_plain_linear, linears)) or len(has_bias) > 1:
             return False
         weight = torch.cat([lin.weight for lin in linears])
         bias = torch.cat([lin.bias for lin in linears]) if has_bias == {True} else None
@@ -131,9 +135,9 @@ class _Projector:
         widths = [sum(lin.out_features for lin in linears[i * k : (i + 1) * k]) for i in range(3)]
         q, kk, v = y.split(widths, dim=-1)
         for p, block in zip("qkv", (q, kk, v)):
-            self.memo[self._key(modules, p, x)] = self._normed(modules, p, self._as_heads(block))
+            self._store(modules, p, x, self._normed(modules, p, self._as_heads(block)))
         if not hasattr(modules[0], "q_norm"):
-            self.memo[self._key(modules, "qk", x)] = self._as_heads(y[..., : widths[0] + widths[1]])
+            self._store(modules, "qk", x, self._as_heads(y[..., : widths[0] + widths[1]]))
         return True
 
     def heads(
@@ -143,18 +147,20 @@ class _Projector:
         key = self._key(modules, p, x)
         if key not in self.memo and not (same_input and self._fuse(modules, x)):
             parts = [self._as_heads(getattr(m, f"{p}_proj")(x)) for m in modules]
-            self.memo[key] = self._normed(
-                modules, p, parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-            )
+            block = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            self._store(modules, p, x, self._normed(modules, p, block))
         return self.memo[key]
 
-    def qk_heads(self, modules: list[nn.Module], xq: torch.Tensor, xk: torch.Tensor, same_input: bool):
-        """Query and key heads stacked (B, n, Hq + Hk, d) and the query head count: a view when fused."""
+    def qkv_heads(self, modules: list[nn.Module], inputs: dict[str, torch.Tensor]):
+        """Query and key heads stacked (B, n, Hq + Hk, d) (a view when fused), the query head count,
+        and the value heads, of `modules` on the inputs {p: X_p}."""
+        xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
+        same_input = xq is xk is xv
         q = self.heads(modules, "q", xq, same_input)
         joint = self.memo.get(self._key(modules, "qk", xq)) if xq is xk else None
         if joint is None:
             joint = torch.cat([q, self.heads(modules, "k", xk, same_input)], dim=2)
-        return joint, q.shape[2]
+        return joint, q.shape[2], self.heads(modules, "v", xv, same_input)
 
 
 class NexusAttentionMixin:
@@ -262,16 +268,15 @@ class NexusAttentionMixin:
     # ------------------------------------------------------------------------- inner attention
     def _refine_inputs(self, x, inputs, level, project, cos, sin, attention_mask, past_key_values, **kwargs):
         """One level of `separate`/`shared`: new refined inputs {p: X_p^(level)} from inputs^(level-1)."""
-        xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
         if self.nexus.inner == "shared":
             modules = [self]  # Eq. 12: the layer's own attention; one pass serves every projection
         else:
             modules = [self.inner[p] for p in self.nexus.projections]
         # Fuse the |P| independent attentions of this level by stacking heads: with the same GQA
         # grouping inside each block, head i of block b still reads KV head b*Hkv + i // groups.
-        same_input = xq is xk is xv
-        q, k = self._rope_qk(*project.qk_heads(modules, xq, xk, same_input), cos, sin)
-        v = project.heads(modules, "v", xv, same_input).transpose(1, 2)
+        qk, q_heads, v = project.qkv_heads(modules, inputs)
+        q, k = self._rope_qk(qk, q_heads, cos, sin)
+        v = v.transpose(1, 2)
         out, _ = self._attend(
             q,
             k,
@@ -335,10 +340,7 @@ class NexusAttentionMixin:
                 inputs = self._refine_inputs(
                     x, inputs, level, project, cos, sin, attention_mask, past_key_values, **kwargs
                 )
-            xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
-            same_input = xq is xk is xv
-            qk, q_heads = project.qk_heads([self], xq, xk, same_input)
-            v = project.heads([self], "v", xv, same_input)
+            qk, q_heads, v = project.qkv_heads([self], inputs)
         # Outer attention: exactly the base layer's computation on the refined Q/K/V.
         q, k = self._rope_qk(qk, q_heads, cos, sin)
         out, weights = self._attend(
