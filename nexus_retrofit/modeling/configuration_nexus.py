@@ -9,8 +9,30 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+import transformers
+
+# The transformers releases this file and modeling_nexus.py are tested on (CI's oldest and newest
+# environments). Recorded in every checkpoint's config as `nexus_tested_transformers`.
+TESTED_TRANSFORMERS = ("5.16.1", "5.24.0")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as '5.24.0' or '5.25.0.dev0'."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+if _release(transformers.__version__) < _release(TESTED_TRANSFORMERS[0]):
+    raise ImportError(
+        f"This Nexus checkpoint needs transformers>={TESTED_TRANSFORMERS[0]} (found {transformers.__version__}): "
+        f"pip install -U 'transformers>={TESTED_TRANSFORMERS[0]}'"
+    )
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 PROJECTIONS = ("q", "k", "v")
 INNER_KINDS = ("separate", "shared", "self")
@@ -118,6 +140,9 @@ class _NexusConfigMixin:
 
     def __post_init__(self, **kwargs):
         self.nexus = NexusConfig.from_dict(self.nexus).to_dict()
+        # The range of the modeling code that runs (and that save_pretrained bundles); the writer's
+        # own release is transformers' `transformers_version` field.
+        self.nexus_tested_transformers = f">={TESTED_TRANSFORMERS[0]},<={TESTED_TRANSFORMERS[1]}"
         if not getattr(self, "auto_map", None):
             self.auto_map = _auto_map(self.nexus_family)
         super().__post_init__(**kwargs)
@@ -133,6 +158,7 @@ class NexusQwen2Config(_NexusConfigMixin, Qwen2Config):
     nexus_family = "Qwen2"
     nexus: dict | None = None
     base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
+    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
 
 @strict
@@ -141,6 +167,7 @@ class NexusLlamaConfig(_NexusConfigMixin, LlamaConfig):
     nexus_family = "Llama"
     nexus: dict | None = None
     base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
+    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
 
 @strict
@@ -149,6 +176,7 @@ class NexusMistralConfig(_NexusConfigMixin, MistralConfig):
     nexus_family = "Mistral"
     nexus: dict | None = None
     base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
+    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
 
 @strict
@@ -157,12 +185,14 @@ class NexusQwen3Config(_NexusConfigMixin, Qwen3Config):
     nexus_family = "Qwen3"
     nexus: dict | None = None
     base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
+    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
 
 for _cls in (NexusQwen2Config, NexusLlamaConfig, NexusMistralConfig, NexusQwen3Config):
     _cls.register_for_auto_class("AutoConfig")
 
 __all__ = [
+    "TESTED_TRANSFORMERS",
     "NexusConfig",
     "NexusQwen2Config",
     "NexusLlamaConfig",

@@ -27,24 +27,42 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-from torch import nn
-from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM, LlamaModel
-from transformers.models.llama.modeling_llama import eager_attention_forward as _eager_attention_forward
-from transformers.models.mistral.modeling_mistral import MistralAttention, MistralForCausalLM, MistralModel
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2ForCausalLM, Qwen2Model
-from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3ForCausalLM, Qwen3Model
-
-from .configuration_nexus import (
+# configuration_nexus first: it refuses a transformers older than the tested range in one line,
+# before an import below could fail with a less helpful error.
+from .configuration_nexus import (  # isort: skip
+    TESTED_TRANSFORMERS,
     NexusConfig,
     NexusLlamaConfig,
     NexusMistralConfig,
     NexusQwen2Config,
     NexusQwen3Config,
 )
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import initialization as init  # noqa: E402
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.models.llama.modeling_llama import (  # noqa: E402
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaModel,
+)
+from transformers.models.llama.modeling_llama import (  # noqa: E402
+    eager_attention_forward as _eager_attention_forward,
+)
+from transformers.models.mistral.modeling_mistral import (  # noqa: E402
+    MistralAttention,
+    MistralForCausalLM,
+    MistralModel,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2ForCausalLM, Qwen2Model  # noqa: E402
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3ForCausalLM, Qwen3Model  # noqa: E402
+
+# The keywords under which transformers has handed the KV cache to an attention module:
+# `past_key_values` up to 5.23, `cache` from 5.24 (the old name is a deprecated alias until 5.40).
+CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +179,16 @@ class _Projector:
         if joint is None:
             joint = torch.cat([q, self.heads(modules, "k", xk, same_input)], dim=2)
         return joint, q.shape[2], self.heads(modules, "v", xv, same_input)
+
+
+def _version_error(what: str) -> RuntimeError:
+    low, high = TESTED_TRANSFORMERS
+    return RuntimeError(
+        f"Nexus attention: transformers {transformers.__version__} {what}, so this layer would compute "
+        f"something else than its full forward. This modeling code is tested on transformers {low} to "
+        f"{high}: install a release in that range, or upgrade nexus-retrofit and load the checkpoint with "
+        "it installed (its classes replace the bundled code)."
+    )
 
 
 class NexusAttentionMixin:
@@ -313,14 +341,59 @@ class NexusAttentionMixin:
         return refined
 
     # ------------------------------------------------------------------------------------ forward
+    def _checked_cache(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        caches: dict[str, Cache | None],
+        kwargs: dict,
+    ) -> Cache | None:
+        """The KV cache, under whichever name this transformers passed it; an error, never a silent
+        cache-less forward, when the call is decoding against earlier tokens and no cache arrived.
+
+        Without its cache a Nexus layer attends only to the new tokens: a forward that looks fine and
+        computes something else than the full forward. A future rename must fail here, loudly.
+        """
+        given = [c for c in caches.values() if c is not None]
+        if len(given) > 1 and given[0] is not given[1]:
+            raise ValueError(f"Nexus attention got two different caches under {list(caches)}; pass one.")
+        cache = given[0] if given else None
+        unknown = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
+        if unknown:
+            raise _version_error(f"passed a KV cache under the unknown keyword(s) {unknown}")
+        if cache is None:
+            q_len = hidden_states.shape[1]
+            kv_len = attention_mask.shape[-1] if attention_mask is not None else q_len
+            cache_position = kwargs.get("cache_position")
+            if kwargs.get("use_cache") is True:
+                reason = "asked for a KV cache (use_cache=True)"
+            elif cache_position is not None and cache_position.numel() and int(cache_position.min()) > 0:
+                reason = f"is decoding at cache position {int(cache_position.min())}"
+            elif kv_len > q_len:
+                reason = f"is decoding {q_len} new token(s) against {kv_len} in the attention mask"
+            else:
+                return None
+            raise _version_error(f"{reason} but passed no cache under {list(CACHE_KEYWORDS)}")
+        own = cache.layers[self.layer_idx] if self.layer_idx < len(getattr(cache, "layers", ())) else None
+        if own is not None and type(own) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise NotImplementedError(
+                f"Nexus attention supports DynamicCache only, not {type(own).__name__} (e.g. a static cache): "
+                "generate with cache_implementation='dynamic' (the default)."
+            )
+        return cache
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        past_key_values = self._checked_cache(
+            hidden_states, attention_mask, {"cache": cache, "past_key_values": past_key_values}, kwargs
+        )
         x = hidden_states  # (B, n, hidden)
         cos, sin = position_embeddings
         levels = range(1, self.nexus.order)
