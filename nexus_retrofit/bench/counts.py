@@ -30,6 +30,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from ..converter import nexus_model_config
 from ..inspection import cache_slots
 from ..modeling import NexusConfig
+from ..modeling.compat import cache_kwargs
 from ..modeling.modeling_nexus import NexusQwen2ForCausalLM
 from .shapes import SHAPES, VARIANTS
 
@@ -87,11 +88,11 @@ def decode_kernels(config: dict, nexus: NexusConfig | None, layers: int, prompt_
     model = _build(small, nexus, layers, "cpu").eval()
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(torch.ones((1, prompt_len), dtype=torch.long), past_key_values=cache, use_cache=True)
+        model(torch.ones((1, prompt_len), dtype=torch.long), **cache_kwargs(model, cache), use_cache=True)
         with KernelCounter() as counter:
             model(
                 torch.ones((1, 1), dtype=torch.long),
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
                 position_ids=torch.tensor([[prompt_len]]),
             )

@@ -365,10 +365,13 @@ class NexusAttentionMixin:
             q_len = hidden_states.shape[1]
             kv_len = attention_mask.shape[-1] if attention_mask is not None else q_len
             cache_position = kwargs.get("cache_position")
+            position_ids = kwargs.get("position_ids")
             if kwargs.get("use_cache") is True:
                 reason = "asked for a KV cache (use_cache=True)"
             elif cache_position is not None and cache_position.numel() and int(cache_position.min()) > 0:
                 reason = f"is decoding at cache position {int(cache_position.min())}"
+            elif q_len == 1 and position_ids is not None and int(position_ids.min()) > 0:
+                reason = f"is decoding one token at position {int(position_ids.min())}"
             elif kv_len > q_len:
                 reason = f"is decoding {q_len} new token(s) against {kv_len} in the attention mask"
             else:
