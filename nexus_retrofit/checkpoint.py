@@ -1,49 +1,16 @@
-"""Checkpoint folders: load a source model, write a converted one atomically.
+"""Checkpoint folders: validate and load a source model, copy its tokenizer files.
 
-A checkpoint folder is written under a temporary name next to its destination and renamed at the
-end, so an interrupted run never leaves a folder that looks complete; existing user data is only
-replaced with `overwrite=True`.
+Writing output folders (atomic rename, markers, --overwrite rules) lives in `nexus_retrofit.safe_output`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def check_output_dir(output: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless `overwrite`; refuse a file outright."""
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"output {output} exists and is not a folder; choose another path")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {output} is not empty; pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def atomic_dir(output: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `output` only if the block finishes without error."""
-    output = Path(output).resolve()
-    check_output_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def torch_dtype(name: str):
@@ -55,6 +22,76 @@ def torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def looks_local(source: str) -> bool:
+    """True when `source` can only mean a local path (a Hub id is `name` or `org/name`)."""
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source):
+        return True
+    first = Path(source).parts[0] if Path(source).parts else ""
+    return "/" in source and Path(first).exists()  # e.g. runs/typo where runs/ exists here
+
+
+def check_source(source: str) -> None:
+    """Fail at once on a local-looking SOURCE that does not exist (instead of retrying the Hub)."""
+    if looks_local(source) and not Path(source).expanduser().exists():
+        raise FileNotFoundError(
+            f"could not load {source}: no such local folder (a Hub id looks like org/name); check the path"
+        )
+
+
+def check_safetensors(folder: str | os.PathLike) -> None:
+    """Read every *.safetensors header in `folder`; a corrupt or truncated file is a ValueError."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="numpy"):
+                pass
+        except SafetensorError as e:
+            raise ValueError(f"{file} is corrupt or truncated ({e}); re-download or re-save it") from None
+
+
+def check_config_dict(config: dict, source: str) -> None:
+    """Refuse, from config.json alone, what convert cannot handle (so no weights are loaded first)."""
+    from .modeling import FAMILIES
+
+    model_type = config.get("model_type")
+    if config.get("nexus") is not None or str(model_type).startswith("nexus_"):
+        raise ValueError(f"{source} is already a Nexus model ({model_type}); convert the original base model")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{source}: model_type {model_type!r} is not supported; supported model types: {', '.join(FAMILIES)}"
+        )
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads > heads or heads % kv_heads):
+        raise ValueError(
+            f"{source}: num_key_value_heads={kv_heads} must divide num_attention_heads={heads}; "
+            "fix config.json"
+        )
+
+
+def read_source_config(source: str, revision: str | None = None) -> dict:
+    """config.json of a local folder or Hub id as a dict, with clear errors for a missing or bad file."""
+    check_source(source)
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        file = folder / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"could not load {source}: no config.json (not a Hugging Face model folder)"
+            )
+    else:
+        from huggingface_hub import hf_hub_download
+
+        file = Path(hf_hub_download(source, "config.json", revision=revision))
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} is not a JSON object; fix or re-download it")
+    return config
+
+
 def load_causal_lm(
     source: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None
 ):
@@ -63,8 +100,7 @@ def load_causal_lm(
 
     import nexus_retrofit.modeling  # noqa: F401  (registers the Nexus classes: no remote code needed)
 
-    if not Path(source).exists() and source.count("/") > 1:
-        raise FileNotFoundError(f"source {source!r} is neither a local folder nor a Hub id (org/name)")
+    check_source(source)
     return AutoModelForCausalLM.from_pretrained(
         source, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision
     )

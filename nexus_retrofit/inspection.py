@@ -137,10 +137,23 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
 
     import nexus_retrofit.modeling  # noqa: F401  (registers the Nexus configs)
 
+    from .checkpoint import check_safetensors, read_source_config
+    from .modeling import FAMILIES
+
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
-    config = AutoConfig.from_pretrained(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; give a checkpoint folder")
+    raw = read_source_config(str(folder))  # a clear error for a missing or malformed config.json
+    model_type = str(raw.get("model_type"))
+    if model_type.removeprefix("nexus_") not in FAMILIES:
+        raise ValueError(
+            f"{folder}: model_type {model_type!r} is not supported; supported model types: {', '.join(FAMILIES)}"
+        )
+    check_safetensors(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{folder}/config.json could not be read as a {model_type} config: {e}") from None
     return inspect_config(config, count_parameters(folder), str(folder))
 
 

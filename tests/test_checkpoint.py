@@ -13,7 +13,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from nexus_retrofit import NexusConfig, convert
-from nexus_retrofit.checkpoint import atomic_dir
 from tests.conftest import perturb_nexus, tiny_base_model
 
 CASES = [
@@ -81,25 +80,3 @@ def test_round_trip_without_the_package(tmp_path, family, settings, ids):
     )
     with torch.no_grad():
         assert torch.equal(model(ids).logits, torch.load(tmp_path / "out.pt"))
-
-
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
-        (tmp / "model.safetensors").write_text("half")
-        raise RuntimeError("interrupted")
-    assert not target.exists()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_dir_refuses_non_empty_and_replaces_with_overwrite(tmp_path):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="--overwrite"), atomic_dir(target) as tmp:
-        pass
-    assert (target / "keep.txt").read_text() == "user data"
-    with atomic_dir(target, overwrite=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -32,6 +32,7 @@ from ..inspection import cache_slots
 from ..modeling import NexusConfig
 from ..modeling.compat import cache_kwargs
 from ..modeling.modeling_nexus import NexusQwen2ForCausalLM
+from ..safe_output import atomic_write_text
 from .shapes import SHAPES, VARIANTS
 
 # aten ops that only re-describe memory: no kernel runs for them
@@ -184,7 +185,5 @@ def write_counts(rows: list[CountRow], out_dir: Path, seq_len: int) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"seq_len": seq_len, "torch": torch.__version__, "rows": [asdict(r) for r in rows]}
     for name, text in (("counts.json", json.dumps(payload, indent=2)), ("counts.md", "\n".join(md) + "\n")):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+        atomic_write_text(out_dir / name, text)
     return out_dir / "counts.md"

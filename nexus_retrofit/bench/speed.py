@@ -25,6 +25,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..converter import convert
 from ..modeling import NexusConfig
+from ..safe_output import atomic_write_text, save_figure
 from .counts import model_train_flops
 from .shapes import LAYER_CONFIG, QWEN_05B_CONFIG, TINY_MODEL_CONFIG, VARIANTS
 
@@ -338,9 +339,7 @@ def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: 
         f"speed_{tag}.md": "\n".join(md) + "\n",
     }
     for name, text in files.items():
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+        atomic_write_text(out_dir / name, text)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, _ in VARIANTS[1:]:
@@ -363,11 +362,7 @@ def write_report(out_dir: Path, payload: dict, layer: list[LayerResult], model: 
     axes[1].tick_params(axis="x", rotation=45, labelsize=7)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    png = out_dir / f"speed_{tag}.png"
-    tmp_png = out_dir / f".speed_{tag}.tmp.png"
-    fig.savefig(tmp_png, dpi=110)
-    plt.close(fig)
-    tmp_png.replace(png)
+    save_figure(fig, out_dir / f"speed_{tag}.png", dpi=110)
     return out_dir / f"speed_{tag}.md"
 
 
@@ -375,7 +370,7 @@ def run_speed_bench(
     device: str = "cpu",
     seq_lens: list[int] | None = None,
     quick: bool = False,
-    out_dir: Path = Path("eval/results/perf"),
+    out_dir: Path = Path("runs/perf"),
     attn: str = "sdpa",
 ) -> Path:
     if device == "cuda" and not torch.cuda.is_available():

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
+
+# results go to an untracked folder by default: a run from the repo root must not replace the
+# committed numbers (pass --output-dir eval/results/perf --overwrite to update those on purpose)
+DEFAULT_DIR = Path("runs/perf")
+COMMITTED_DIR = "eval/results/perf"
 
 bench_app = typer.Typer(
     help="Benchmarks: measured numbers, ratios against the base model in the same process."
@@ -22,13 +28,15 @@ def speed(
         "sdpa", "--attn", help="Attention implementation: sdpa, eager or flash_attention_2."
     ),
     output_dir: Path = typer.Option(
-        Path("eval/results/perf"), "--output-dir", help="Where JSON/markdown/PNG go."
+        DEFAULT_DIR, "--output-dir", help=f"Where JSON/markdown/PNG go (committed results: {COMMITTED_DIR})."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --output-dir."),
 ) -> None:
     """One attention layer and the whole model, base vs Nexus variants (orders 2 and 3)."""
     from rich.console import Console
 
     from ..bench.speed import run_speed_bench
+    from ..safe_output import sigterm_as_interrupt
 
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("--device must be cpu or cuda")
@@ -36,8 +44,14 @@ def speed(
         lens = [int(s) for s in seq_lens.split(",")] if seq_lens else None
     except ValueError:
         raise typer.BadParameter(f"--seq-lens must be comma-separated integers, got {seq_lens!r}") from None
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--device cuda: no CUDA GPU is visible to torch; run on a GPU machine or use --device cpu")
+    _check_outputs(output_dir, [f"speed_{device}.{ext}" for ext in ("json", "md", "png")], overwrite)
     console = Console()
-    with console.status("benchmarking ..."):
+    with console.status("benchmarking ..."), sigterm_as_interrupt():
         report = run_speed_bench(device, lens, quick, output_dir, attn)
     console.print(report.read_text())
     console.print(f"[green]wrote[/] {report.parent}")
@@ -47,8 +61,9 @@ def speed(
 def counts(
     seq_len: int = typer.Option(2048, "--seq-len", help="Training sequence length for the FLOP count."),
     output_dir: Path = typer.Option(
-        Path("eval/results/perf"), "--output-dir", help="Where counts.json and counts.md go."
+        DEFAULT_DIR, "--output-dir", help=f"Where counts.json and counts.md go (committed: {COMMITTED_DIR})."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --output-dir."),
 ) -> None:
     """FLOPs per training token, kernels per decode step and bytes at Qwen2.5 0.5B/1.5B/7B shapes.
 
@@ -58,11 +73,30 @@ def counts(
     from rich.console import Console
 
     from ..bench.counts import count_all, write_counts
+    from ..safe_output import sigterm_as_interrupt
 
     if seq_len < 1:
         raise typer.BadParameter(f"--seq-len must be a positive integer, got {seq_len}")
+    _check_outputs(output_dir, ["counts.json", "counts.md"], overwrite)
     console = Console()
-    with console.status("counting ..."):
+    with console.status("counting ..."), sigterm_as_interrupt():
         report = write_counts(count_all(seq_len), output_dir, seq_len)
     console.print(report.read_text())
     console.print(f"[green]wrote[/] {report.parent}")
+
+
+def _fail(message: str) -> NoReturn:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _check_outputs(output_dir: Path, names: list[str], overwrite: bool) -> None:
+    """Path and replace checks before any work (see nexus_retrofit.safe_output)."""
+    from ..safe_output import OutputError, check_output_files
+
+    try:
+        check_output_files(output_dir, names, overwrite)
+    except OutputError as e:
+        _fail(str(e))

@@ -13,14 +13,19 @@ console = Console(stderr=True)
 
 def fail(message: str) -> typer.Exit:
     """Print a clear error and return the exit to raise (exit code 2, like a usage error)."""
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, unwrapped
     return typer.Exit(code=2)
+
+
+MAX_ORDER = 4  # order m costs 1 + (m-1)|P| attention calls per layer; beyond 4 nothing is tested
 
 
 def convert(
     source: str = typer.Argument(..., help="Base model: a local folder or a Hugging Face Hub id."),
     output: Path = typer.Argument(..., help="Folder to write the Nexus checkpoint to."),
-    order: int = typer.Option(2, "--order", help="Attention order m (1 = standard attention)."),
+    order: int = typer.Option(
+        2, "--order", help=f"Attention order m, 1..{MAX_ORDER} (1 = standard attention)."
+    ),
     proj: str = typer.Option("qk", "--proj", help="Refined projections: q, qk or qkv."),
     inner: str = typer.Option("separate", "--inner", help="Inner attention: separate, shared or self."),
     gate: str = typer.Option("zero", "--gate", help="zero (function-preserving) or none (the paper's form)."),
@@ -31,39 +36,60 @@ def convert(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow SOURCE's own code (off)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an OUTPUT folder written by an earlier nexus-retrofit run."
+    ),
 ) -> None:
     """Convert a Qwen2/Qwen2.5/Qwen3/Llama/Mistral checkpoint to Nexus attention."""
     import torch
+    from safetensors import SafetensorError
 
-    from ..checkpoint import atomic_dir, check_output_dir, load_causal_lm, save_tokenizer_files, torch_dtype
+    from ..checkpoint import load_causal_lm, save_tokenizer_files, torch_dtype
     from ..converter import convert as convert_model
     from ..modeling import NexusConfig
+    from ..safe_output import atomic_dir, check_output_dir
 
     try:  # validate everything before loading gigabytes
+        if order > MAX_ORDER:
+            raise ValueError(f"--order {order} is above the supported maximum {MAX_ORDER}")
         settings = NexusConfig(order=order, projections=proj, inner=inner, gate=gate, inner_init=inner_init)
-        check_output_dir(output, overwrite)
+        check_output_dir(output, overwrite, flag="OUTPUT")
         torch_dtype(dtype)
-    except (ValueError, FileExistsError) as e:
+        _check_source(source, revision)
+    except (ValueError, OSError) as e:
         raise fail(str(e)) from None
 
     with console.status(f"loading {source} ..."):
         try:
             model = load_causal_lm(source, dtype, trust_remote_code, revision)
-        except (OSError, ValueError, FileNotFoundError) as e:
-            raise fail(f"could not load {source}: {e}") from None
+        except (OSError, ValueError, SafetensorError) as e:
+            raise fail(f"could not load {source}: {_one_line(e)}") from None
     torch.manual_seed(seed)
     try:
         model = convert_model(model, settings)
     except (ValueError, TypeError) as e:
         raise fail(str(e)) from None
-    with console.status(f"writing {output} ..."), atomic_dir(output, overwrite) as tmp:
+    with console.status(f"writing {output} ..."), atomic_dir(output, overwrite, "convert") as tmp:
         model.save_pretrained(tmp)
         has_tokenizer = save_tokenizer_files(source, tmp, revision)
     console.print(f"[green]wrote[/] {output} ({type(model).__name__}, {settings})")
     if not has_tokenizer:
         console.print("[yellow]note:[/] the source has no tokenizer files; none were copied")
     _print_inspection(output)
+
+
+def _check_source(source: str, revision: str | None) -> None:
+    """SOURCE's config.json (and local safetensors headers) without loading weights."""
+    from ..checkpoint import check_config_dict, check_safetensors, read_source_config
+
+    check_config_dict(read_source_config(source, revision), source)
+    if Path(source).expanduser().is_dir():
+        check_safetensors(Path(source).expanduser())
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) < 300 else text[:297] + "..."
 
 
 def inspect(

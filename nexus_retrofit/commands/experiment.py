@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 console = Console(stderr=True)
+DEFAULT_ROOT = Path("runs/experiments")
 
 
 def experiment(
@@ -19,16 +20,27 @@ def experiment(
     output_dir: Path = typer.Option(
         None,
         "--output-dir",
-        help="Where to write results.json, results.md and the PNG (default: eval/results/experiments/NAME).",
+        help="Where to write results.json, results.md and the PNG (default: runs/experiments/NAME, untracked; "
+        "the committed results are in eval/results/experiments/NAME).",
     ),
     threads: int = typer.Option(1, "--threads", min=1, help="torch intra-op threads (the models are tiny)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --output-dir."),
 ) -> None:
     """Run an evidence experiment: does higher-order attention do what the paper claims?"""
     from ..experiments import EXPERIMENTS, run_experiment
+    from ..safe_output import OutputError, check_output_files, sigterm_as_interrupt
 
     if name not in EXPERIMENTS:
         console.print(f"[bold red]error:[/] unknown experiment {name!r}; available: {', '.join(EXPERIMENTS)}")
         raise typer.Exit(code=2)
-    out = run_experiment(name, quick=quick, seeds=seeds, output_dir=output_dir, threads=threads)
+    # an untracked default: a run from the repo root must not replace the committed results
+    output_dir = output_dir if output_dir is not None else DEFAULT_ROOT / name
+    try:
+        check_output_files(output_dir, ("results.json", "results.md", f"{name}.png"), overwrite)
+    except OutputError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    with sigterm_as_interrupt():
+        out = run_experiment(name, quick=quick, seeds=seeds, output_dir=output_dir, threads=threads)
     console.print(out.markdown_path.read_text())
     console.print(f"wrote {out.json_path}, {out.markdown_path}, {out.plot_path}")

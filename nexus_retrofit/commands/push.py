@@ -54,8 +54,20 @@ def push(
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     except HfHubHTTPError as e:
+        message = " ".join(str(e).split())
         console.print(
-            f"[bold red]error:[/] the Hub refused the upload: {e}. Logged in (`hf auth login`) with write access?"
+            f"[bold red]error:[/] the Hub refused the upload: {message}. Logged in (`hf auth login`) with write access?",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1) from None
+    except _network_errors() as e:
+        message = " ".join(str(e).split())
+        console.print(
+            f"[bold red]error:[/] could not reach the Hub ({type(e).__name__}: {message}); check the network "
+            "(and HF_HUB_OFFLINE), or use --dry-run",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(code=1) from None
     console.print(f"wrote the model card to {plan.card_path}")
@@ -64,8 +76,21 @@ def push(
     for name in plan.files:
         typer.echo(f"  {name}")
     if plan.skipped:
-        typer.echo("left out (pickles, trainer state, caches):")
+        typer.echo("left out (pickles, trainer state, caches, recipes holding secrets):")
         for name in plan.skipped:
             typer.echo(f"  {name}")
     if plan.url:
         console.print(f"[green]done[/]: {plan.url}")
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the Hub could not be reached': OSError and the HTTP client's own errors."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue  # that client is not installed: its errors cannot occur
+    return tuple(errors)

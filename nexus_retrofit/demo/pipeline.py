@@ -8,7 +8,6 @@ math-verify). Whatever the table shows is what the run measured.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ..checkpoint import check_output_dir
+from ..safe_output import atomic_write_text, mark_dir, prepare_output_dir, save_figure, sigterm_as_interrupt
 from .arithmetic import MATH_PROMPT, read_jsonl, write_jsonl
 from .assets import eval_data_path, sft_data_path, tiny_model_path
 
@@ -197,10 +196,7 @@ def _plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     ax.set(xlabel="step", ylabel="training loss (completion tokens)", title="Demo SFT: baseline vs Nexus")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def run_demo(
@@ -209,11 +205,19 @@ def run_demo(
     max_steps: int = RECIPE["max_steps"],
     eval_limit: int | None = None,
 ) -> Path:
-    """Run the whole demo into `output_dir`; return the path of its markdown summary."""
-    check_output_dir(output_dir, overwrite)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
+    """Run the whole demo into `output_dir`; return the path of its markdown summary.
+
+    The folder is written in place (its checkpoints' paths are recorded in the eval results and the
+    summary), marked as the demo's from the start, so `--overwrite` can later replace it, and only it.
+    """
+    prepare_output_dir(output_dir, overwrite, "demo")  # OutputError before any work; keeps paths as given
+    with sigterm_as_interrupt():
+        summary = _run_demo(output_dir, max_steps, eval_limit)
+    mark_dir(output_dir, "demo", complete=True)
+    return summary
+
+
+def _run_demo(output_dir: Path, max_steps: int, eval_limit: int | None) -> Path:
     started = time.perf_counter()
 
     paths = _prepare_data(output_dir, eval_limit)
@@ -249,8 +253,9 @@ def run_demo(
         f"Loss curves: loss_curves.png. Total time: {elapsed / 60:.1f} min.",
         "",
     ]
-    (output_dir / "summary.md").write_text("\n".join(summary))
-    (output_dir / "summary.json").write_text(
+    atomic_write_text(output_dir / "summary.md", "\n".join(summary))
+    atomic_write_text(
+        output_dir / "summary.json",
         json.dumps(
             {
                 "nexus": NEXUS,
@@ -261,6 +266,6 @@ def run_demo(
                 "seconds": elapsed,
             },
             indent=2,
-        )
+        ),
     )
     return output_dir / "summary.md"

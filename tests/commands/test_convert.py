@@ -68,13 +68,16 @@ def test_inspect_self_variant_reports_query_heads_in_cache(base_dir, tmp_path):
 
 def test_refuses_non_empty_output_without_overwrite(base_dir, tmp_path):
     out = tmp_path / "nexus"
-    out.mkdir()
-    (out / "precious.txt").write_text("user data")
+    assert _run("convert", base_dir, out).exit_code == 0
     result = _run("convert", base_dir, out)
     assert result.exit_code == 2 and "--overwrite" in result.output
-    assert [p.name for p in out.iterdir()] == ["precious.txt"]
     assert _run("convert", base_dir, out, "--overwrite").exit_code == 0
-    assert not (out / "precious.txt").exists() and (out / "config.json").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("user data")
+    refused = _run("convert", base_dir, mine, "--overwrite")  # never replaces what it did not write
+    assert refused.exit_code == 2 and "not written by nexus-retrofit" in refused.output.replace("\n", " ")
+    assert [p.name for p in mine.iterdir()] == ["precious.txt"]
 
 
 @pytest.mark.parametrize(
@@ -117,6 +120,82 @@ def test_interrupted_convert_leaves_no_output(base_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
-def test_missing_source_is_a_clear_error(tmp_path):
-    result = _run("convert", tmp_path / "does" / "not" / "exist", tmp_path / "out")
-    assert result.exit_code == 2 and "could not load" in result.output.replace("\n", " ")
+def _refuse_loading(monkeypatch):
+    """Validation must finish before any weights are read: loading fails the test."""
+    import nexus_retrofit.checkpoint as checkpoint
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights were loaded before validation")
+
+    monkeypatch.setattr(checkpoint, "load_causal_lm", loaded)
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _truncate_weights(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+SOURCE_DEFECTS = [
+    # (how the source is broken, extra argv, fragment of the one-line error)
+    pytest.param(lambda f: _edit_config(f, num_key_value_heads=8), [], "num_key_value_heads=8 must divide", id="kv>heads"),
+    pytest.param(lambda f: _edit_config(f, num_key_value_heads=3), [], "num_key_value_heads=3 must divide", id="kv-not-dividing"),
+    pytest.param(lambda f: None, ["--order", "5"], "above the supported maximum 4", id="order-above-max"),
+    pytest.param(lambda f: _edit_config(f, model_type="gpt2"), [], "model_type 'gpt2' is not supported", id="unsupported-arch"),
+    pytest.param(lambda f: (f / "config.json").write_text("{not json"), [], "is not valid JSON", id="bad-config-json"),
+    pytest.param(_truncate_weights, [], "corrupt or truncated", id="truncated-safetensors"),
+    pytest.param(
+        lambda f: (f / "model.safetensors").write_bytes(b"garbage" * 20), [], "corrupt or truncated", id="garbage-safetensors"
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("breakage, extra, fragment", SOURCE_DEFECTS)
+def test_bad_sources_fail_before_loading(base_dir, tmp_path, monkeypatch, breakage, extra, fragment):
+    breakage(base_dir)
+    _refuse_loading(monkeypatch)
+    result = _run("convert", base_dir, tmp_path / "out", *extra)
+    assert result.exit_code == 2, result.output
+    assert fragment in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["./typo", "{tmp}/does/not/exist", "~/no-such-model-folder", "base/typo", "a/b/c"],
+)
+def test_a_missing_local_looking_source_fails_at_once(base_dir, tmp_path, monkeypatch, source):
+    """A typo'd folder must not be sent to the Hub (that spent ~50 s in retries before failing)."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local-looking path was looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.chdir(tmp_path)  # so that `base/typo` starts with an existing folder
+    _refuse_loading(monkeypatch)
+    result = _run("convert", source.format(tmp=tmp_path), tmp_path / "out")
+    assert result.exit_code == 2 and "no such local folder" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+INSPECT_DEFECTS = [
+    pytest.param(lambda f: (f / "config.json").write_text("{not json"), "is not valid JSON", id="bad-config-json"),
+    pytest.param(lambda f: (f / "config.json").write_text("[1, 2]"), "not a JSON object", id="config-not-object"),
+    pytest.param(lambda f: _edit_config(f, model_type="gpt2"), "model_type 'gpt2' is not supported", id="unsupported"),
+    pytest.param(_truncate_weights, "corrupt or truncated", id="truncated-safetensors"),
+    pytest.param(lambda f: (f / "config.json").unlink(), "no config.json", id="no-config"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("breakage, fragment", INSPECT_DEFECTS)
+def test_inspect_errors_are_one_line(base_dir, breakage, fragment):
+    breakage(base_dir)
+    result = _run("inspect", base_dir)
+    assert result.exit_code == 2, result.output
+    assert fragment in " ".join(result.output.split()) and result.exception.__class__ is SystemExit
