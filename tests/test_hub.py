@@ -262,3 +262,107 @@ def test_card_for_a_base_checkpoint(tmp_path):
     card = build_model_card(tmp_path, "me/base")
     assert "nexus" not in card.data.tags and "Nexus order" not in card.text
     assert "| of which added by Nexus | 0 (0) |" in card.text
+
+
+# ------------------------------------------------------------------------ train's output, faults
+TRL_README = (
+    "---\nlibrary_name: transformers\n---\n\n# Model Card for model\n\nThis model is a fine-tuned version of "
+    "[x](https://huggingface.co/x).\nIt has been trained using [TRL](https://github.com/huggingface/trl).\n"
+)
+SECRET = "hf_SECRETsecretSECRET"
+TRAIN_CONFIG = (
+    f"model_name_or_path: Qwen/Qwen2.5-1.5B-Instruct\nlearning_rate: 1.0e-4\nenv:\n  HF_TOKEN: {SECRET}\n"
+)
+
+
+def _train_output(path: Path, config: str) -> None:
+    """What `nexus-retrofit train` leaves: its resolved recipe and TRL's automatic README.md."""
+    (path / "recipe.yaml").unlink()
+    (path / "nexus_train_config.yaml").write_text(config)
+    (path / "README.md").write_text(TRL_README)
+
+
+def _truncate(path: Path) -> None:
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 3])
+
+
+def _offline(monkeypatch) -> None:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def refuse(*args, **kwargs):
+        raise OfflineModeIsEnabled(
+            "Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled."
+        )
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+
+
+def _no_dns(monkeypatch) -> None:
+    import importlib
+
+    client = next((m for m in ("httpx2", "httpx") if importlib.util.find_spec(m)), None)
+    if client is None:
+        pytest.skip("no httpx client installed")
+    connect_error = importlib.import_module(client).ConnectError
+
+    def refuse(*args, **kwargs):
+        raise connect_error("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+
+
+PUSH_CASES = [
+    # (what is wrong, argv extra, exit code, fragment in the output, fragment that must NOT be in it)
+    pytest.param(lambda p, m: _truncate(p), ["--dry-run"], 2, "corrupt or truncated", "Traceback", id="truncated"),
+    pytest.param(lambda p, m: _offline(m), [], 1, "could not reach the Hub", "Traceback", id="offline"),
+    pytest.param(lambda p, m: _no_dns(m), [], 1, "could not reach the Hub", "Traceback", id="no-network"),
+    pytest.param(
+        lambda p, m: _train_output(p, TRAIN_CONFIG), ["--dry-run"], 0, "  nexus_train_config.yaml", SECRET,
+        id="train-output-with-secrets",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("setup, extra, code, fragment, absent", PUSH_CASES)
+def test_push_faults_are_one_line_and_secrets_stay_home(
+    checkpoint, monkeypatch, setup, extra, code, fragment, absent
+):
+    setup(checkpoint, monkeypatch)
+    result = CliRunner().invoke(app, ["push", str(checkpoint), "me/x", *extra])
+    assert result.exit_code == code, result.output
+    assert fragment in result.output and absent not in result.output
+    assert result.exception is None or result.exception.__class__ is SystemExit
+    if code != 0:
+        assert len(result.output.strip().splitlines()) <= 2  # the card line at most, then the error
+
+
+def test_push_recognises_train_output_and_never_uploads_secrets(checkpoint, fake_hub):
+    _train_output(checkpoint, TRAIN_CONFIG)
+    plan = push_to_hub(checkpoint, "me/x")  # TRL's README.md is replaced without --overwrite-card
+    card = (checkpoint / "README.md").read_text()
+    assert CARD_MARKER in card and "nexus_train_config.yaml" in card and "HF_TOKEN" in card
+    assert SECRET not in card and "nexus_train_config.yaml" in plan.skipped
+    uploaded = {p.name for p in (fake_hub.root / "me/x").rglob("*")}
+    assert "nexus_train_config.yaml" not in uploaded and "README.md" in uploaded
+
+
+@pytest.mark.parametrize(
+    "env, uploaded",
+    [
+        ("env:\n  HF_TOKEN: <redacted>\n", True),
+        ("env:\n  WANDB_API_KEY: '***'\n", True),
+        ("env: {}\n", True),
+        ("env:\n  WANDB_API_KEY: abc123\n", False),
+        ("hub_token: hf_abc\n", False),
+        ("env: [unclosed\n", False),
+    ],
+)
+def test_recipe_files_with_secret_values_are_left_out(checkpoint, env, uploaded):
+    (checkpoint / "recipe.yaml").unlink()
+    (checkpoint / "nexus_train_config.yaml").write_text("learning_rate: 1.0e-4\n" + env)
+    plan = push_to_hub(checkpoint, "me/x", dry_run=True)
+    assert ("nexus_train_config.yaml" in plan.files) is uploaded
+    assert ("nexus_train_config.yaml" in plan.skipped) is not uploaded
+    for secret in ("abc123", "hf_abc"):
+        assert secret not in (checkpoint / "README.md").read_text()
