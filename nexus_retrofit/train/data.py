@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Roles chat templates know; anything else (a typo such as "asistant") would be rendered or dropped
+# by the template and trained on silently.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 DISK_MARKERS = ("dataset_dict.json", "state.json")  # folders written by Dataset(Dict).save_to_disk
 
 
@@ -141,6 +144,50 @@ def _split(data: DatasetDict, split: str, key: str) -> Dataset:
     return data[split]
 
 
+def _row_location(name: str, split: str, row: int) -> str:
+    """'FILE line N' for a local .jsonl (blank lines skipped, as the loader does), else 'NAME SPLIT row N'."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        seen = -1
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                seen += bool(line.strip())
+                if seen == row:
+                    return f"{path.resolve()} line {number}"
+    return f"{name} ({split} split) row {row + 1}"
+
+
+def check_roles(ds: Dataset | IterableDataset, name: str, split: str, key: str) -> None:
+    """Refuse conversational rows whose messages have a role outside CHAT_ROLES (or no role).
+
+    Runs on the Arrow column (no Python loop over rows), before any subsampling, so that the row
+    number maps back to the file. Streamed datasets are not scanned.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = getattr(ds, "data", None)
+    if table is None or "messages" not in (ds.column_names or ()):
+        return
+    column = table.column("messages").combine_chunks()
+    if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
+        raise RecipeError(f"{key}: the `messages` column of {name} must hold lists of {{role, content}}")
+    item = column.type.value_type
+    if not pa.types.is_struct(item) or item.get_field_index("role") < 0:
+        raise RecipeError(f"{key}: every message in {name} needs a `role` (found {item})")
+    roles = pc.struct_field(pc.list_flatten(column), "role").cast(pa.string())
+    known = pc.fill_null(pc.is_in(roles, value_set=pa.array(CHAT_ROLES)), False)
+    if pc.all(known).as_py() is not False:
+        return
+    first = pc.index(known, False).as_py()
+    row = pc.list_parent_indices(column)[first].as_py()
+    role = roles[first].as_py()
+    raise RecipeError(
+        f"{key}: {_row_location(name, split, row)}: unknown chat role {role!r}; "
+        f"roles must be one of {', '.join(CHAT_ROLES)}"
+    )
+
+
 def load_mixture(spec: MixtureSpec) -> DatasetDict:
     """open-r1's mixture: subsample each dataset by weight, concatenate, shuffle, optionally split."""
     import datasets
@@ -149,6 +196,7 @@ def load_mixture(spec: MixtureSpec) -> DatasetDict:
     for i, entry in enumerate(spec.datasets):
         where = f"dataset_mixture.datasets[{i}]"
         ds = _split(load_source(entry.id, entry.config, f"{where}.id"), entry.split, f"{where}.split")
+        check_roles(ds, entry.id, entry.split, f"{where}.id")
         if entry.columns is not None:
             missing = sorted(set(entry.columns) - set(ds.column_names))
             if missing:
@@ -202,9 +250,10 @@ def load_datasets(
             script.dataset_name, script.dataset_config, "dataset_name", script.dataset_streaming
         )
         key, test_split = "dataset_name", script.dataset_test_split
-    train = _split(
-        data, script.dataset_train_split if not script.dataset_mixture else "train", "dataset_train_split"
-    )
+    train_split = script.dataset_train_split if not script.dataset_mixture else "train"
+    train = _split(data, train_split, "dataset_train_split")
+    if not script.dataset_mixture:  # mixture parts were checked before they were subsampled
+        check_roles(train, script.dataset_name, train_split, key)
     fmt = check_format(train, training.dataset_text_field, key)
     logger.info("training data: %s format, %s rows", fmt, getattr(train, "num_rows", "streamed"))
     evaluate = str(getattr(training.eval_strategy, "value", training.eval_strategy)) != "no"
@@ -213,4 +262,6 @@ def load_datasets(
         if evaluate
         else None
     )
+    if eval_ds is not None and not script.dataset_mixture:
+        check_roles(eval_ds, script.dataset_name, test_split, key)
     return train, eval_ds, fmt

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "nexus_train_config.yaml"  # the resolved recipe, written beside the weights
 RESERVED = ("nexus", "env")  # recipe keys that are not dataclass fields
+# `env:` values are often credentials (HF_TOKEN, WANDB_API_KEY): the saved recipe keeps the keys only.
+REDACTED = "<redacted: set it in the environment>"
 
 # open-r1 recipes were written for transformers 4.x / TRL 0.x. Old name -> current name; an alias is
 # applied only when the installed version lacks the old name and has the new one.
@@ -320,8 +322,34 @@ def _typed_values(explicit: list[str], parsed: tuple, env: dict | None) -> dict[
                 values[key] = source[key]
                 break
     if env:
-        values["env"] = env
+        values["env"] = {str(name): REDACTED for name in env}  # never persist the values (secrets)
     return values
+
+
+def _apply_env(env: dict | None, notes: list[str]) -> None:
+    """Set the recipe's `env:` variables; a redacted value (a saved recipe) keeps the environment's."""
+    for name, value in (env or {}).items():
+        if value == REDACTED:
+            if str(name) not in os.environ:
+                notes.append(
+                    f"env.{name} was redacted when the recipe was saved and is not set in the environment"
+                )
+            continue
+        os.environ[str(name)] = str(value)
+
+
+def _check_steps(training: SFTConfig) -> None:
+    """max_steps 0 or below -1 would train 1 step (or num_train_epochs epochs) without a word."""
+    steps = training.max_steps
+    if steps == 0 or steps < -1:
+        raise RecipeError(
+            f"max_steps must be a positive number of optimizer steps, or -1 to train num_train_epochs "
+            f"epochs; got {steps}"
+        )
+    if steps == -1 and not training.num_train_epochs > 0:
+        raise RecipeError(
+            f"num_train_epochs must be > 0 when max_steps is -1, got {training.num_train_epochs}"
+        )
 
 
 def _collect(
@@ -410,13 +438,13 @@ def parse_recipe(
             "output_dir is required: the folder the checkpoints and the final model are written to"
         )
 
+    _check_steps(training)
     if script.dataset_mixture:
         from .data import parse_mixture
 
         parse_mixture(script.dataset_mixture)
 
-    for name, value in (env or {}).items():  # TrlParser's `env:` block, applied once the recipe is valid
-        os.environ[str(name)] = str(value)
+    _apply_env(env, notes)  # TrlParser's `env:` block, applied once the recipe is valid
     explicit = list(dict.fromkeys([*config, *(k for k, _ in cli)]))
     for note in notes:
         logger.warning("recipe: %s", note)

@@ -21,6 +21,8 @@ from .recipe import CONFIG_FILE, Recipe, RecipeError, parse_recipe
 
 logger = logging.getLogger(__name__)
 
+RUN_RECORD = "nexus_train_run.json"  # {"complete": bool, "files": [the final files this run wrote]}
+RECORD_FORMAT = "nexus-retrofit-train/1"
 IDENTITY_KEYS = ("model_name_or_path", "model_revision", "dataset_name", "dataset_config", "dataset_mixture")
 
 
@@ -105,46 +107,154 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def check_output_dir(recipe: Recipe) -> str | None:
-    """Validate output_dir against the recipe; return the checkpoint to resume from, if any.
+# Files a run writes beside its checkpoints. A folder this tool wrote before the run record existed
+# (it has the recipe file but no record) has its old final model recognised by these names.
+LEGACY_FINAL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+    "modeling_nexus.py", "configuration_nexus.py", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+    "tokenizer.model", "train_results.json", "eval_results.json", "all_results.json", "trainer_state.json",
+    "training_args.bin", "README.md",
+)  # fmt: skip
+
+
+@dataclass
+class OutputPlan:
+    """What run_training will do to output_dir; decided before any data or model is loaded."""
+
+    resume: str | None = None
+    remove: list[Path] = field(default_factory=list)  # old checkpoint folders (overwrite_output_dir)
+    notes: list[str] = field(default_factory=list)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unreadable (bad header, or shorter than its header says), or None."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return f"{path.name} is truncated"
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError):
+        return f"{path.name} has no readable header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + length + max(ends, default=0) > size:
+        return f"{path.name} is truncated"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a save killed midway), or None if it is complete.
+
+    The Trainer writes trainer_state.json last, so its absence marks a torn save; the weights'
+    headers and sizes and the optimizer archive are checked too (cheaply, without loading them).
+    """
+    import json
+    import zipfile
+
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("pytorch_model*.bin")) and not (folder / "latest").is_file():
+        return "no model weights"
+    for path in weights:
+        if (why := _safetensors_problem(path)) is not None:
+            return why
+    optimizer = folder / "optimizer.pt"
+    if optimizer.exists() and not zipfile.is_zipfile(optimizer):  # torch.save archives end in a zip directory
+        return "optimizer.pt is truncated"
+    return None
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders, newest (highest N) first."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+
+
+def latest_complete_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that can be resumed from, and 'NAME (why)' for each newer torn one."""
+    skipped = []
+    for folder in _checkpoints(out):
+        why = checkpoint_problem(folder)
+        if why is None:
+            return folder, skipped
+        skipped.append(f"{folder.name} ({why})")
+    return None, skipped
+
+
+def _check_location(out: Path) -> None:
+    """output_dir must be a folder, not under a file, and not the current, home or a root folder."""
+    resolved = out.expanduser().resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise RecipeError(f"output_dir {out} exists and is not a folder")
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecipeError(f"output_dir {out} is under the file {parent}; choose a path in a folder")
+            break
+    for what, place in (("the current directory", Path.cwd()), ("your home directory", Path.home())):
+        if resolved == place.resolve():
+            raise RecipeError(f"output_dir {out} is {what}; choose a new folder, e.g. {out / 'run'}")
+    if resolved == Path(resolved.anchor):
+        raise RecipeError(f"output_dir {out} is a filesystem root; choose a new folder")
+
+
+def _resume_plan(out: Path, resume: str | bool, diff: list[str]) -> OutputPlan:
+    notes = []
+    if resume is True:
+        last, skipped = latest_complete_checkpoint(out) if out.is_dir() else (None, [])
+        if skipped:
+            notes.append(f"resume_from_checkpoint: skipped torn checkpoint(s) {', '.join(skipped)}")
+        if last is None:
+            what = f"complete checkpoint (torn: {', '.join(skipped)})" if skipped else "checkpoint-* folder"
+            raise RecipeError(f"resume_from_checkpoint: no {what} in output_dir {out} to resume from")
+        resume = str(last)
+    target = Path(resume)
+    if not target.is_dir():
+        raise RecipeError(f"resume_from_checkpoint: no such checkpoint folder: {target.resolve()}")
+    why = checkpoint_problem(target)
+    if why is not None:
+        raise RecipeError(
+            f"resume_from_checkpoint: {target} is incomplete ({why}); pick an earlier checkpoint"
+        )
+    if diff:
+        raise RecipeError(
+            f"resume_from_checkpoint: {out} holds a run of a different recipe ({'; '.join(diff)})"
+        )
+    return OutputPlan(resume=str(resume), notes=notes)
+
+
+def check_output_dir(recipe: Recipe) -> OutputPlan:
+    """Validate output_dir against the recipe and decide what to do with it; writes nothing.
 
     A non-empty output_dir is accepted when it holds a run of the same recipe (same model, data and
     Nexus settings), to resume it or to rewrite its final model; otherwise only with
-    overwrite_output_dir, which removes the old checkpoint-* folders.
+    overwrite_output_dir, whose old checkpoint-* folders are removed once everything has loaded.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(recipe.training.output_dir)
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"output_dir {out} exists and is not a folder")
+    _check_location(out)
     resume = _resume_target(recipe.training.resume_from_checkpoint)
     entries = sorted(out.iterdir()) if out.is_dir() else []
-    last = get_last_checkpoint(str(out)) if entries else None
     previous = _previous_identity(out)
     diff = _identity_diff(_identity(recipe), previous) if previous is not None else []
 
     if resume is not None:
-        if resume is True:
-            if last is None:
-                raise RecipeError(
-                    f"resume_from_checkpoint: no checkpoint-* folder in output_dir {out} to resume from"
-                )
-            resume = last
-        if not Path(resume).is_dir():
-            raise RecipeError(f"resume_from_checkpoint: no such checkpoint folder: {Path(resume).resolve()}")
-        if diff:
-            raise RecipeError(
-                f"resume_from_checkpoint: {out} holds a run of a different recipe ({'; '.join(diff)})"
-            )
-        return str(resume)
+        return _resume_plan(out, resume, diff)
     if not entries:
-        return None
+        return OutputPlan()
     if recipe.script.overwrite_output_dir:
-        for child in entries:
-            if child.is_dir() and child.name.startswith("checkpoint-"):
-                shutil.rmtree(child)
-        logger.warning("overwrite_output_dir: writing into %s (old checkpoints removed)", out)
-        return None
+        return OutputPlan(remove=[p for p in _checkpoints(out)])
     if previous is None or diff:
         why = (
             f"it holds a run of a different recipe ({'; '.join(diff)})"
@@ -154,12 +264,79 @@ def check_output_dir(recipe: Recipe) -> str | None:
         raise RecipeError(
             f"output_dir {out} is not empty and {why}; pass --overwrite_output_dir true to replace it"
         )
-    if last is not None:
+    checkpoints = _checkpoints(out)
+    if checkpoints:
         raise RecipeError(
-            f"output_dir {out} holds checkpoints of this recipe (last: {Path(last).name}): pass --resume_from_checkpoint "
-            "true to continue the run, or --overwrite_output_dir true to start over"
+            f"output_dir {out} holds checkpoints of this recipe (last: {checkpoints[0].name}): pass "
+            "--resume_from_checkpoint true to continue the run, or --overwrite_output_dir true to start over"
         )
-    return None
+    return OutputPlan()
+
+
+# --- run record: the folder says whether its final model belongs to its recipe -------------------
+
+
+def _read_record(out: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        record = json.loads((out / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _previous_final_files(out: Path) -> list[Path]:
+    """The final-model files an earlier run of this tool wrote here (never anyone else's files)."""
+    record = _read_record(out)
+    if record is not None:
+        names = [n for n in record.get("files", []) if isinstance(n, str) and "/" not in n]
+        return [out / n for n in names if (out / n).is_file()]
+    if not (out / CONFIG_FILE).is_file():
+        return []  # not a folder this tool wrote
+    return sorted({p for pattern in LEGACY_FINAL_FILES for p in out.glob(pattern) if p.is_file()})
+
+
+def _snapshot(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} if out.is_dir() else {}
+
+
+def begin_output(out: Path, plan: OutputPlan, recipe_text: str) -> dict[str, int]:
+    """Before training (main process): mark the run incomplete, then clear what it replaces.
+
+    The old final model goes first so that a run killed from here on leaves checkpoints and a record
+    saying "incomplete", never the previous model beside the new recipe. Returns a snapshot of the
+    folder's files, to tell what this run wrote.
+    """
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    old = _previous_final_files(out)  # read before the new record replaces the old one
+    _write_text(
+        out / RUN_RECORD, json.dumps({"format": RECORD_FORMAT, "complete": False, "files": []}, indent=2)
+    )
+    for path in old:
+        if path.name not in (RUN_RECORD, CONFIG_FILE):
+            path.unlink(missing_ok=True)
+    for folder in plan.remove:
+        shutil.rmtree(folder)
+    if plan.remove:
+        logger.warning("overwrite_output_dir: writing into %s (old checkpoints removed)", out)
+    _write_text(out / CONFIG_FILE, recipe_text)
+    return _snapshot(out)
+
+
+def finish_output(out: Path, before: dict[str, int], recipe_text: str) -> None:
+    """After the final model is saved (main process): the recipe, then the record listing its files."""
+    import json
+
+    _write_text(out / CONFIG_FILE, recipe_text)
+    after = _snapshot(out)
+    files = sorted(
+        n for n, t in after.items() if (n != RUN_RECORD and before.get(n) != t) or n == CONFIG_FILE
+    )
+    record = {"format": RECORD_FORMAT, "complete": True, "files": files}
+    _write_text(out / RUN_RECORD, json.dumps(record, indent=2))
 
 
 def _on_main_then_share(training, fn):
@@ -357,6 +534,37 @@ def _setup_logging(training) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
+def _distributed_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def end_distributed(succeeded: bool) -> None:
+    """Destroy the process group this run created (DDP, DeepSpeed and FSDP all use torch's).
+
+    Left to interpreter exit, the group's destructor can hang: a gloo rank was seen blocked joining its
+    worker thread when the DDP Reducer was freed. On success the ranks first meet at a barrier, so no
+    rank tears the group down while another still talks to it; after an error they may not all be
+    here, so no barrier. Accelerate's state is reset so a later run in this process starts afresh.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not _distributed_initialized():
+        return
+    gc.collect()  # free the DDP-wrapped model (its Reducer holds the group) while the group is healthy
+    try:
+        if succeeded:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def run_training(
     recipe: dict | str | os.PathLike,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -365,7 +573,21 @@ def run_training(
 
     `recipe` is a YAML path or a mapping; `overrides` are `--key value` strings or a mapping (see
     parse_recipe). Safe to call several times in one process. Raises RecipeError for bad settings.
+    A process group created during the run (under `accelerate launch`) is destroyed before it returns
+    or raises; one that existed before the call is left to its owner.
     """
+    owns_group = not _distributed_initialized()
+    succeeded = False
+    try:
+        result = _run(recipe, overrides)
+        succeeded = True
+        return result
+    finally:
+        if owns_group:
+            end_distributed(succeeded)
+
+
+def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any] | None) -> TrainResult:
     from .data import load_datasets
     from .trainer import NexusSFTTrainer
 
@@ -374,16 +596,21 @@ def run_training(
     _setup_logging(training)
     if "include_num_input_tokens_seen" not in parsed.values:
         training.include_num_input_tokens_seen = "non_padding"  # for tokens/s in the logs and the result
-    resume = _on_main_then_share(training, lambda: check_output_dir(parsed))
+    plan = _on_main_then_share(training, lambda: check_output_dir(parsed))
+    for note in plan.notes:
+        logger.warning("%s", note)
 
+    # everything is loaded and validated before the output folder is touched
     train_ds, eval_ds, data_format = load_datasets(parsed.script, training)
     tokenizer = load_tokenizer(parsed, conversational=data_format == "messages")
     model, settings = load_model(parsed)
     nexus = None if parsed.nexus is None or settings is None else parsed.nexus.resolved(settings)
 
     out = Path(training.output_dir)
-    if training.distributed_state.is_main_process:
-        _write_text(out / CONFIG_FILE, _config_header() + parsed.to_yaml(nexus))
+    recipe_text = _config_header() + parsed.to_yaml(nexus)
+    main = training.distributed_state.is_main_process
+    before = begin_output(out, plan, recipe_text) if main else {}
+    training.distributed_state.wait_for_everyone()  # no rank writes before the old final model is gone
 
     trainer = NexusSFTTrainer(
         model=model,
@@ -395,9 +622,9 @@ def run_training(
         inner_only_steps=parsed.nexus.inner_only_steps if nexus else 0,
     )
     _apply_liger(trainer, trainer.model)
-    if resume:
-        logger.info("resuming from %s", resume)
-    output = trainer.train(resume_from_checkpoint=resume)
+    if plan.resume:
+        logger.info("resuming from %s", plan.resume)
+    output = trainer.train(resume_from_checkpoint=plan.resume)
 
     metrics = dict(output.metrics)
     runtime = metrics.get("train_runtime") or 0.0
@@ -412,17 +639,16 @@ def run_training(
     trainer.save_model(training.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training.output_dir)
-        _write_text(out / CONFIG_FILE, _config_header() + parsed.to_yaml(nexus))
+        finish_output(out, before, recipe_text)
     if training.push_to_hub:
         trainer.push_to_hub(tags=["nexus-retrofit"])
-    result = TrainResult(
+    for tracker in trainer.accelerator.trackers:
+        tracker.finish()
+    return TrainResult(
         output_dir=out,
         metrics=metrics,
         log_history=list(trainer.state.log_history),
         nexus=nexus,
-        resumed_from=resume,
-        notes=list(parsed.notes),
+        resumed_from=plan.resume,
+        notes=[*parsed.notes, *plan.notes],
     )
-    if hasattr(trainer, "end"):
-        trainer.end()  # finish trackers; ends the process group under accelerate launch
-    return result
