@@ -262,6 +262,8 @@ def build_model_card(
             f"| Inner init | {nexus.get('inner_init')} |",
         ]
     lines += [
+        f"| Written with | transformers {config.get('transformers_version', 'not recorded')} |",
+        f"| Bundled modeling code tested on | transformers {config.get('nexus_tested_transformers') or 'not recorded'} |",
         f"| Parameters | {_fmt(counts['total'])} ({counts['total']:,}) |",
         f"| of which added by Nexus | {_fmt(counts['nexus_added'])} ({counts['nexus_added']:,}) |",
         "",

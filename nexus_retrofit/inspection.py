@@ -38,6 +38,8 @@ class Inspection:
     distinct_attention_calls: int
     kernel_calls: int
     cache_slots: list[CacheSlot] = field(default_factory=list)
+    written_with_transformers: str | None = None  # config.json's `transformers_version`
+    code_tested_on_transformers: str | None = None  # the bundled code's range (`nexus_tested_transformers`)
 
     @property
     def params_base(self) -> int | None:
@@ -128,6 +130,8 @@ def inspect_config(config, params: tuple[int, int] | None = None, path: str = ""
         distinct_attention_calls=settings.distinct_attention_calls,
         kernel_calls=settings.order,  # the sub-attentions of one level run as one fused call
         cache_slots=cache_slots(config),
+        written_with_transformers=getattr(config, "transformers_version", None),
+        code_tested_on_transformers=getattr(config, "nexus_tested_transformers", None),
     )
 
 
@@ -154,7 +158,10 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{folder}/config.json could not be read as a {model_type} config: {e}") from None
-    return inspect_config(config, count_parameters(folder), str(folder))
+    report = inspect_config(config, count_parameters(folder), str(folder))
+    # What the file says, not what the config class of the running code fills in.
+    report.code_tested_on_transformers = raw.get("nexus_tested_transformers")
+    return report
 
 
 def inspection_json(report: Inspection) -> str:

@@ -140,4 +140,9 @@ def _print_inspection(path: Path, as_json: bool = False) -> None:
         f"{report.cache_ratio:.2f}x the base model; {per_token / 1024:.1f} KiB/token in bf16, "
         f"{per_token * 32768 / 2**30:.2f} GiB for one 32k-token sequence",
     )
+    table.add_row(
+        "transformers",
+        f"written with {report.written_with_transformers or 'not recorded'}; bundled code tested on "
+        f"{report.code_tested_on_transformers or 'not recorded (written before nexus-retrofit recorded it)'}",
+    )
     Console().print(table)

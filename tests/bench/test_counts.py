@@ -51,7 +51,9 @@ def test_attention_flops_are_the_causal_half_of_the_attention_matmuls():
     no_attention = train_flops(SMALL, None, seq_len=n, layers=0)
     h, kv, ff, v = d, 64, SMALL["intermediate_size"], SMALL["vocab_size"]
     linear = 2 * n * (d * (h + 2 * kv) + h * d + 3 * d * ff)  # q/k/v/o and the MLP, forward
-    assert no_attention == pytest.approx(3 * 2 * n * d * v, rel=1e-9)  # the LM head alone
+    # The LM head alone. Older transformers (5.16 here) build the RoPE angles with a matmul that the
+    # counter sees (n x head_dim FLOPs, 1e-4 of this total); newer ones multiply element-wise.
+    assert no_attention == pytest.approx(3 * 2 * n * d * v, rel=1e-4)
     assert one_layer - no_attention == pytest.approx(3 * linear + 3 * 4 * n * n * d * 0.5, rel=1e-9)
 
 
