@@ -143,11 +143,28 @@ def compare_command(
         None, "--labels", help="Comma-separated row labels (default: model folder names)."
     ),
     plot: Path = typer.Option(None, "--plot", help="Also write a bar chart PNG to this path."),
+    allow_mismatch: bool = typer.Option(
+        False,
+        "--allow-mismatch",
+        help="Print the table even when the runs' settings differ (marked with a warning).",
+    ),
 ) -> None:
-    """Markdown table of pass@1 with deltas against the first run (the paper's Table 3 layout)."""
-    from ..evaluation.compare import compare_table, default_label, load_results, plot_comparison
+    """Markdown table of pass@1 with deltas against the first run (the paper's Table 3 layout).
+
+    Runs whose settings differ (sampling, limits, sample counts, data, grader) are refused unless
+    --allow-mismatch, which prints the table under a warning naming the differences."""
+    from ..evaluation.compare import (
+        compare_table,
+        default_label,
+        load_results,
+        plot_comparison,
+        settings_mismatches,
+    )
+    from ..safe_output import check_output_path
 
     try:
+        if plot is not None:
+            check_output_path(plot, "--plot")  # before any work: not a folder, not under a file
         runs = [load_results(p) for p in results]
         names = (
             [s.strip() for s in labels.split(",")]
@@ -156,7 +173,17 @@ def compare_command(
         )
         if len(names) != len(runs):
             raise ValueError(f"--labels has {len(names)} names for {len(runs)} results files")
-        typer.echo(compare_table(runs, names))
+        mismatches = settings_mismatches(runs, names)
+        if mismatches and not allow_mismatch:
+            raise ValueError(
+                f"the runs used different settings, so their deltas are not comparable: {'; '.join(mismatches)}. "
+                "Re-run them alike, or pass --allow-mismatch to print the table with a warning"
+            )
+        if mismatches:
+            console.print(
+                f"[bold yellow]warning:[/] settings differ: {'; '.join(mismatches)}", highlight=False
+            )
+        typer.echo(compare_table(runs, names, mismatches))
         if plot is not None:
             console.print(f"wrote {plot_comparison(runs, names, plot)}")
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:

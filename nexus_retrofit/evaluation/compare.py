@@ -14,18 +14,61 @@ from typing import Any
 TASK_TITLES = {"math_500": "MATH-500", "aime24": "AIME24", "gpqa_diamond": "GPQA-Diamond"}
 
 
+# Settings that change the numbers but not the model: runs that differ in them are not comparable.
+# (model, revision, tasks, data_dir, parallelism and batch size do not enter; the per-task fingerprint
+# covers the data, the sample count, the problem count and the grader.)
+COMPARED_SETTINGS = (
+    "temperature", "top_p", "max_new_tokens", "seed", "limit", "num_samples", "system_prompt",
+    "use_chat_template", "backend", "dtype", "max_model_len",
+)  # fmt: skip
+
+
 def load_results(path: str | Path) -> dict[str, Any]:
+    """A results.json (or its folder); malformed files are one-line errors naming the file and line."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results file at {path}")
-    data = json.loads(path.read_text())
-    if "tasks" not in data:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno} is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise ValueError(f"{path} is not a results.json written by `nexus-retrofit eval`")
+    for name, task in data["tasks"].items():
+        if "pass@1" in task and not all(isinstance(task.get(k), (int, float)) for k in ("pass@1", "stderr")):
+            raise ValueError(f"{path}: task {name} has a non-numeric pass@1 or stderr")
     if not data.get("complete", True):
         data.setdefault("_notes", []).append("incomplete run")
     return data
+
+
+def settings_mismatches(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[str]:
+    """'key: label=value, label=value' for every setting or task fingerprint the runs disagree on."""
+    problems = []
+    for key in COMPARED_SETTINGS:
+        values = [(label, (run.get("settings") or {}).get(key, "?")) for run, label in zip(runs, labels)]
+        known = [v for _, v in values if v != "?"]
+        if len({json.dumps(v, sort_keys=True) for v in known}) > 1:
+            problems.append(f"{key}: " + ", ".join(f"{label}={value!r}" for label, value in values))
+    tasks = {t for run in runs for t in _scored(run)}
+    for task in sorted(tasks):
+        prints = [(label, run["tasks"].get(task, {}).get("fingerprint")) for run, label in zip(runs, labels)]
+        known = [(label, f) for label, f in prints if f]
+        for field in ("data", "num_samples", "n_problems", "grader", "task"):
+            seen = {json.dumps(f.get(field), sort_keys=True) for _, f in known}
+            if len(seen) > 1:
+                shown = ", ".join(f"{label}={_short(f.get(field))}" for label, f in known)
+                problems.append(f"{task}.{field}: {shown}")
+    return problems
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return repr(text[:12]) if isinstance(value, str) and len(text) > 20 else text[:60]
 
 
 def default_label(results: dict[str, Any], path: str | Path) -> str:
@@ -37,8 +80,13 @@ def _scored(results: dict[str, Any]) -> dict[str, dict]:
     return {name: t for name, t in results["tasks"].items() if "pass@1" in t}
 
 
-def compare_table(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
-    """Markdown table: one row per run, one column per task (first-seen order), plus the average."""
+def compare_table(
+    runs: Sequence[dict[str, Any]], labels: Sequence[str], mismatches: Sequence[str] = ()
+) -> str:
+    """Markdown table: one row per run, one column per task (first-seen order), plus the average.
+
+    `mismatches` (settings the runs disagree on, when the caller chose to show them anyway) are printed
+    above the table, so that a pasted table carries its warning."""
     if not runs:
         raise ValueError("nothing to compare")
     tasks: list[str] = []
@@ -72,7 +120,13 @@ def compare_table(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
     footer = f"\n\npass@1 (%) ± standard error over problems; (±x) = difference from {labels[0]}."
     if notes:
         footer += " Note: " + "; ".join(notes) + "."
-    return "\n".join(lines) + footer
+    warning = (
+        f"**WARNING: these runs used different settings; the deltas are not comparable** "
+        f"({'; '.join(mismatches)})\n\n"
+        if mismatches
+        else ""
+    )
+    return warning + "\n".join(lines) + footer
 
 
 def _average(scored: dict[str, dict], tasks: Sequence[str]) -> float | None:
@@ -103,8 +157,6 @@ def plot_comparison(runs: Sequence[dict[str, Any]], labels: Sequence[str], path:
     ax.set_ylabel("pass@1 (%)")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    from ..safe_output import check_output_path, save_figure
+
+    return save_figure(fig, check_output_path(path, "--plot"), dpi=150)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -114,25 +115,45 @@ def samples_path(output_dir: Path, task_name: str) -> Path:
     return output_dir / f"samples_{task_name}.jsonl"
 
 
-def read_samples(path: Path, num_samples: int) -> dict[int, list[dict]]:
+SAMPLE_KEYS = ("problem_index", "sample_index", "correct", "extracted")
+
+
+def _sample_problem(record: Any) -> str | None:
+    """Why a samples line cannot be one of this runner's records, or None."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    missing = [k for k in SAMPLE_KEYS if k not in record]
+    if missing:
+        return f"has no {missing[0]!r} field"
+    for key in ("problem_index", "sample_index"):
+        if isinstance(record[key], bool) or not isinstance(record[key], int) or record[key] < 0:
+            return f"has {key} {record[key]!r}, not an index"
+    return None
+
+
+def read_samples(path: Path, num_samples: int, repair: bool = True) -> dict[int, list[dict]]:
     """Finished problems of a samples file: problem_index -> its `num_samples` lines.
 
     A torn last line (the run was killed mid-write) and problems with fewer lines than samples are
-    dropped from the file, so that the resume regenerates them.
+    dropped from the file (with `repair`; without it the file is only read), so that the resume
+    regenerates them. Any other malformed line is an error naming the file and the line.
     """
     if not path.exists():
         return {}
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     records = []
+    fix = "fix or delete the file (or --overwrite)"
     for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # torn final write
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not line.endswith("\n"):  # torn final write
                 break
-            raise ResumeError(
-                f"{path} line {number} is not valid JSON; fix or delete the file (or --overwrite)"
-            ) from None
+            raise ResumeError(f"{path} line {number} is not valid JSON ({e.msg}); {fix}") from None
+        why = _sample_problem(record)
+        if why is not None:
+            raise ResumeError(f"{path} line {number} {why}; {fix}")
+        records.append(record)
     by_problem: dict[int, list[dict]] = {}
     for record in records:
         by_problem.setdefault(int(record["problem_index"]), []).append(record)
@@ -143,7 +164,7 @@ def read_samples(path: Path, num_samples: int) -> dict[int, list[dict]]:
         elif len(group) > num_samples:
             raise ResumeError(f"{path}: problem {index} has {len(group)} samples, expected {num_samples}")
     kept = [r for r in records if int(r["problem_index"]) in finished]
-    if len(kept) != len(lines):
+    if repair and len(kept) != len(lines):
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
     return finished
@@ -200,13 +221,72 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+# Files that decide what a model generates: hashed whole into the fingerprint. Not checkpoints'
+# optimizer or trainer state, which do not change the weights.
+FINGERPRINT_PATTERNS = (
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*.json", "tokenizer.model",
+    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+    "*.py",
+)  # fmt: skip
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a Hub id ('org/name'): absolute, ./ ../ ~, or more than one '/'."""
+    return model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or model in (".", "..")
+
+
+def local_fingerprint(folder: Path) -> dict[str, Any]:
+    """sha256 over the bytes of the files that decide the model's output (weights, config, tokenizer).
+
+    Content, not dates: a copied folder keeps its fingerprint and a retrain into the same folder (same
+    shapes, same sizes) changes it. The cost is one read of the weights (about 1 s per GB, cached by
+    the OS for the load that follows), paid once per `eval` invocation.
+    """
+    digest = hashlib.sha256()
+    names = sorted({p.name for pattern in FINGERPRINT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return {"kind": "local", "sha256": digest.hexdigest(), "files": len(names)}
+
+
+def hub_fingerprint(model: str, revision: str | None) -> dict[str, Any]:
+    """A Hub model's commit, read from the local Hugging Face cache (no network): the snapshot folder
+    the loader resolves `revision` to is named by its commit. None when the model is not cached yet."""
+    commit = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+        if isinstance(cached, str):
+            commit = Path(cached).parent.name
+    except Exception:  # a malformed id or cache: recorded as unknown
+        commit = None
+    return {"kind": "hub", "repo": model, "revision": revision, "commit": commit}
+
+
 def model_info(model: str, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
-    """The model's path and config (config.json for a local folder, else AutoConfig)."""
-    path = Path(model)
+    """The model's path, config and fingerprint (config.json for a local folder, else AutoConfig).
+
+    A path that looks local must exist and hold a config.json (a typo'd folder is an error at once,
+    not a long retry against the Hub).
+    """
+    path = Path(model).expanduser()
     config = None
     if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model {model}: {path / 'config.json'} is not valid JSON ({e})") from None
         model = str(path.resolve())
+        fingerprint = local_fingerprint(path)
+    elif path.exists() or _looks_local(model):
+        what = "has no config.json" if path.is_dir() else "does not exist"
+        raise ValueError(f"model {model}: the folder {path.resolve()} {what}")
     else:
         try:
             from transformers import AutoConfig
@@ -214,9 +294,16 @@ def model_info(model: str, revision: str | None, trust_remote_code: bool) -> dic
             config = AutoConfig.from_pretrained(
                 model, revision=revision, trust_remote_code=trust_remote_code
             ).to_dict()
-        except Exception:  # recorded as unknown rather than failing a finished run
+        except Exception:  # recorded as unknown; loading the backend will tell what is wrong
             config = None
-    return {"path": model, "revision": revision, "config": config, "nexus": (config or {}).get("nexus")}
+        fingerprint = hub_fingerprint(model, revision)
+    return {
+        "path": model,
+        "revision": revision,
+        "fingerprint": fingerprint,
+        "config": config,
+        "nexus": (config or {}).get("nexus"),
+    }
 
 
 def _now() -> str:
@@ -261,23 +348,67 @@ def _differences(old: dict, new: dict, ignore: frozenset = frozenset()) -> list[
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def _prepare_output(output_dir: Path, settings: dict, plans: list[_TaskPlan], overwrite: bool) -> dict | None:
-    """The previous results to continue, None for a fresh run; raise on a configuration mismatch."""
+def check_output_location(output_dir: Path) -> None:
+    """The output folder must be a folder (or not exist yet) and not lie under a file."""
+    resolved = output_dir.expanduser().resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file; choose a folder")
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--output-dir {output_dir} is under the file {parent}; choose a folder")
+            return
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json as a mapping; a malformed file is a one-line error naming it and the line."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ResumeError(
+            f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix or delete it (or --overwrite)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResumeError(f"{path} cannot be read ({e}); fix or delete it (or --overwrite)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks", {}), dict):
+        raise ResumeError(
+            f"{path} line 1 is not a nexus-retrofit results object; fix or delete it (or --overwrite)"
+        )
+    return data
+
+
+def _model_changed(previous: dict, model: dict) -> str | None:
+    """Why the model behind `previous` cannot be taken for `model` (stale scores), or None."""
+    old = (previous.get("model") or {}).get("fingerprint")
+    new = model["fingerprint"]
+    if old is None:
+        return "it was written without a model fingerprint, so it may be of another model"
+    if old != new:
+
+        def short(f: dict) -> str:
+            return str(f.get("sha256") or f.get("commit") or f)[:16]
+
+        return f"the model at {model['path']} changed since (fingerprint {short(old)} -> {short(new)})"
+    return None
+
+
+def check_previous(
+    output_dir: Path, settings: dict, plans: list[_TaskPlan], model: dict, overwrite: bool
+) -> dict | None:
+    """The previous results to continue, None for a fresh run; raise on a configuration or model
+    mismatch. Reads only: nothing is written or removed here."""
     results_file = output_dir / "results.json"
-    ours = [samples_path(output_dir, p.task.name) for p in plans]
     if overwrite:
-        for f in [results_file, *output_dir.glob("samples_*.jsonl")]:
-            f.unlink(missing_ok=True)
         return None
     if not results_file.exists():
-        stray = [f.name for f in ours if f.exists()]
+        stray = [f.name for f in (samples_path(output_dir, p.task.name) for p in plans) if f.exists()]
         if stray:
             raise ResumeError(
                 f"{output_dir} has {', '.join(stray)} but no results.json, so their settings are unknown; pass "
                 "--overwrite to start again, or choose another --output-dir"
             )
         return None
-    previous = json.loads(results_file.read_text())
+    previous = read_results(results_file)
     if previous.get("format") != RESULTS_FORMAT:
         raise ResumeError(f"{results_file} is not a nexus-retrofit results file; choose another --output-dir")
     diff = _differences(previous.get("settings", {}), settings, NOT_OUTCOME_SETTINGS)
@@ -292,7 +423,31 @@ def _prepare_output(output_dir: Path, settings: dict, plans: list[_TaskPlan], ov
             f"{output_dir} holds a run with different settings ({'; '.join(diff)}); resuming it would mix "
             "configurations. Pass --overwrite to replace it, or choose another --output-dir"
         )
+    changed = _model_changed(previous, model)
+    if changed:
+        raise ResumeError(
+            f"refusing to resume {results_file}: {changed}; its scores would be stale. Pass --overwrite to "
+            "start over, or choose another --output-dir"
+        )
+    for plan in plans:  # a malformed samples file is reported now, before any model is loaded
+        read_samples(samples_path(output_dir, plan.task.name), plan.num_samples, repair=False)
     return previous
+
+
+def _needs_generation(output_dir: Path, plans: list[_TaskPlan], previous: dict | None) -> bool:
+    if previous is None:
+        return any(plan.problems for plan in plans)
+    for plan in plans:
+        done = read_samples(samples_path(output_dir, plan.task.name), plan.num_samples, repair=False)
+        if any(p.index not in done for p in plan.problems):
+            return True
+    return False
+
+
+def _clear_previous(output_dir: Path) -> None:
+    """--overwrite: remove this runner's own files (results.json, samples_*.jsonl), nothing else."""
+    for f in [output_dir / "results.json", *output_dir.glob("samples_*.jsonl")]:
+        f.unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -387,30 +542,11 @@ def evaluate(
     """
     settings = settings.resolved()
     output_dir = Path(output_dir)
+    check_output_location(output_dir)
     plans = _plan(settings)  # data and columns are checked before anything is created
-    output_dir.mkdir(parents=True, exist_ok=True)
+    model = model_info(settings.model, settings.revision, settings.trust_remote_code)
     settings_dict = settings.to_dict()
-    previous = _prepare_output(output_dir, settings_dict, plans, overwrite)
-
-    results: dict[str, Any] = {
-        "format": RESULTS_FORMAT,
-        "complete": False,
-        "started_at": (previous or {}).get("started_at", _now()),
-        "updated_at": _now(),
-        "model": model_info(settings.model, settings.revision, settings.trust_remote_code),
-        "settings": settings_dict,
-        "versions": package_versions(),
-        "tasks": dict((previous or {}).get("tasks", {})),
-    }
-    for plan in plans:
-        results["tasks"][plan.task.name] = {
-            "complete": False,
-            "samples_file": samples_path(output_dir, plan.task.name).name,
-            "fingerprint": plan.fingerprint,
-            "dataset": plan.source,
-        }
-    results_file = output_dir / "results.json"
-    write_json_atomic(results_file, results)
+    previous = check_previous(output_dir, settings_dict, plans, model, overwrite)
 
     holder: dict[str, Backend] = {}
 
@@ -431,6 +567,34 @@ def evaluate(
                 gpu_memory_utilization=settings.gpu_memory_utilization,
             )
         return holder["b"]
+
+    # The model is loaded before the first write: a bad model path or flag leaves nothing behind that
+    # a corrected re-run would have to fight ("different settings"). A finished run is only re-scored.
+    if _needs_generation(output_dir, plans, previous):
+        get_backend()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _clear_previous(output_dir)
+
+    results: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
+        "complete": False,
+        "started_at": (previous or {}).get("started_at", _now()),
+        "updated_at": _now(),
+        "model": model,
+        "settings": settings_dict,
+        "versions": package_versions(),
+        "tasks": dict((previous or {}).get("tasks", {})),
+    }
+    for plan in plans:
+        results["tasks"][plan.task.name] = {
+            "complete": False,
+            "samples_file": samples_path(output_dir, plan.task.name).name,
+            "fingerprint": plan.fingerprint,
+            "dataset": plan.source,
+        }
+    results_file = output_dir / "results.json"
+    write_json_atomic(results_file, results)
 
     try:
         with _progress(show_progress) as progress:

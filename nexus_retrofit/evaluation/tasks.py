@@ -265,31 +265,62 @@ def list_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _parse_task_file(path: Path) -> tuple[Any, list[int | None]]:
+    """The file's data and the line each top-level task starts on (YAML; None for JSON).
+
+    Syntax errors become one-line TaskErrors naming the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaskError(f"task file {path} cannot be read: {e}") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            node = yaml.compose(text)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise TaskError(f"task file {path}{where} is not valid YAML: {problem}") from None
+        starts = (
+            [item.start_mark.line + 1 for item in node.value]
+            if isinstance(node, yaml.SequenceNode)
+            else [node.start_mark.line + 1 if node is not None else None]
+        )
+        return data, starts
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TaskError(f"task file {path} line {e.lineno} is not valid JSON: {e.msg}") from None
+    return data, [None] * (len(data) if isinstance(data, list) else 1)
+
+
 def load_task_file(path: str | Path) -> list[Task]:
     """Register the task(s) defined in a YAML or JSON file (one mapping, or a list of them).
 
     A relative `dataset` path that exists next to the file is resolved against the file's folder.
+    Errors are one line naming the file, and the line (YAML) or position of the task.
     """
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    data, starts = _parse_task_file(path)
     items = data if isinstance(data, list) else [data]
     tasks = []
-    for item in items:
+    for i, (item, line) in enumerate(zip(items, starts)):
+        where = f"{path} line {line}" if line else f"{path} task {i + 1}"
         if not isinstance(item, Mapping):
-            raise TaskError(f"{path}: each task must be a mapping of Task fields, got {type(item).__name__}")
+            raise TaskError(f"{where}: each task must be a mapping of Task fields, got {type(item).__name__}")
         item = dict(item)
         local = path.parent / str(item.get("dataset", ""))
         if item.get("dataset") and not Path(item["dataset"]).is_absolute() and local.is_file():
             item["dataset"] = str(local.resolve())
-        tasks.append(register_task(Task.from_dict(item), overwrite=True))
+        try:
+            tasks.append(register_task(Task.from_dict(item), overwrite=True))
+        except TaskError as e:
+            raise TaskError(f"{where}: {e}") from None
     return tasks
 
 
