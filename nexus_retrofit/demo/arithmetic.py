@@ -19,7 +19,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,20 +273,10 @@ def held_out_texts() -> set[str]:
 
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
-    """Write rows as JSON lines, atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped data must be readable by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write rows as JSON lines, atomically (nexus_retrofit.safe_output: temp file, then os.replace)."""
+    from ..safe_output import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
