@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(tokenizer, vocab_size: int) -> Qwen2Config:
-    """DESIGN.md section 8: hidden 192, 4 layers, 4 heads, 2 KV heads, head_dim 48, tied embeddings."""
+    """docs/DESIGN.md §9: hidden 192, 4 layers, 4 heads, 2 KV heads, head_dim 48, tied embeddings."""
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=192,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# open-r1's pinned lighteval math_500 prompt (DESIGN.md section 5), double space included.
+# open-r1's pinned lighteval math_500 prompt (docs/DESIGN.md §8), double space included.
 MATH_PROMPT = (
     "Solve the following math problem efficiently and clearly.  The last line of your response should be "
     "of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' "
@@ -41,7 +41,7 @@ LEVELS = {SINGLE_STEP: 1, TWO_STEP: 2}
 # every eval and SFT problem by text.
 EVAL_SEED = 1_000_001
 SFT_SEED = 1_000_002
-EVAL_SIZE = 500  # per kind: DESIGN.md section 8, 200 per type gave swings of +-10 points
+EVAL_SIZE = 500  # per kind: docs/DESIGN.md §9, 200 per type gave swings of +-10 points
 SFT_SIZE = 3_000  # two-step only: ~300 steps at batch 16 is about 1.6 epochs
 
 NAMES = (

@@ -1,6 +1,6 @@
 """Run tasks on a model, grade, and write results.json + samples_<task>.jsonl; resume interrupted runs.
 
-Reproducibility rules (DESIGN.md section 5):
+Reproducibility rules (docs/DESIGN.md §8):
 - every setting, package version, dataset revision (or local file sha256) and the model config go
   into results.json, which is written atomically (temp file, then os.replace) after every task;
 - problems are cut into fixed batches by position (`batch_size` problems each) and every problem has
@@ -50,7 +50,7 @@ class EvalSettings:
     model: str
     tasks: tuple[str, ...] = DEFAULT_TASKS
     backend: str | None = None  # None: vllm when installed, else hf
-    num_samples: int | None = None  # None: each task's own default (DESIGN.md section 5)
+    num_samples: int | None = None  # None: each task's own default (docs/DESIGN.md §8)
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 32768

@@ -1,7 +1,7 @@
 """Benchmark tasks as small declarative objects, and the registry `eval` looks them up in.
 
 A task says where its data lives, which columns hold what, the prompt and the grader. The built-in
-ones follow DESIGN.md section 5 (open-r1's pinned lighteval prompts and sample counts). A user adds a
+ones follow docs/DESIGN.md §8 (open-r1's pinned lighteval prompts and sample counts). A user adds a
 task without editing the package:
 
     from nexus_retrofit.evaluation import MATH_PROMPT, Task, register_task

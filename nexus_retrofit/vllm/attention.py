@@ -3,7 +3,7 @@
 Subclass, don't fork: `NexusQwen2Attention`, `NexusQwen3Attention` and `NexusLlamaAttention` are
 vLLM's own attention classes (their `qkv_proj`, `o_proj`, rotary embedding, Qwen3's q/k norms and
 their `attn`, which becomes the outer attention) with the Nexus levels added in front. The maths is
-exactly `nexus_retrofit/modeling/modeling_nexus.py` (the reference; DESIGN.md section 1):
+exactly `nexus_retrofit/modeling/modeling_nexus.py` (the reference; docs/DESIGN.md §1):
 
     X_p^(0) = X
     X_p^(l) = X + g_p * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1))     l = 1 .. m-1 (Eq. 10-11)
