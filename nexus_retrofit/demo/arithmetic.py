@@ -18,18 +18,14 @@ import argparse
 import json
 import os
 import random
-import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# open-r1's pinned lighteval math_500 prompt (docs/DESIGN.md §8), double space included.
-MATH_PROMPT = (
-    "Solve the following math problem efficiently and clearly.  The last line of your response should be "
-    "of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' "
-    "(without quotes) where ANSWER is just the final number or expression that solves the problem. "
-    "Think step by step before answering.\n\n"
-)
+from ..evaluation.answers import MATH_PROMPT as EVAL_MATH_PROMPT
+
+# The eval harness's math prompt (open-r1's pinned lighteval prompt), with the problem appended after it.
+MATH_PROMPT = EVAL_MATH_PROMPT.replace("{problem}", "")
 FINAL_LINE = "Therefore, the final answer is: $\\boxed{{{answer}}}$. I hope it is correct"
 
 SINGLE_STEP = "single_step"
@@ -55,8 +51,6 @@ ITEMS = (
 GAIN = ("buys {b} more", "finds {b} more", "gets {b} more", "is given {b} more")
 LOSS = ("gives away {b}", "loses {b}", "sells {b}", "gives {b} to a friend")
 CONTAINERS = ("bags", "boxes", "jars", "packs")
-
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 @dataclass(frozen=True)
@@ -246,12 +240,6 @@ def to_messages(p: Problem) -> dict:
             {"role": "assistant", "content": p.solution},
         ]
     }
-
-
-def boxed_answer(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` in `text`, or None."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
 
 
 def eval_problems(size: int = EVAL_SIZE) -> list[Problem]:

@@ -11,12 +11,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .arithmetic import MATH_PROMPT, boxed_answer
+from ..evaluation.answers import last_boxed
+from .arithmetic import MATH_PROMPT
 
 
 def is_correct(completion: str, answer: str) -> bool:
     """True when the last boxed value of `completion` is the integer `answer`."""
-    predicted = boxed_answer(completion)
+    predicted = last_boxed(completion)
     try:
         return predicted is not None and int(predicted) == int(answer)
     except ValueError:

@@ -3,11 +3,10 @@
 Light to import: torch, transformers, datasets and vLLM are imported only when a run needs them.
 """
 
-from .grading import Verdict, extract_letter, get_grader, last_boxed, register_grader
+from .answers import GPQA_PROMPT, MATH_PROMPT, last_boxed
+from .grading import Verdict, extract_letter, get_grader, register_grader
 from .runner import EvalSettings, evaluate, grade_samples, task_metrics
 from .tasks import (
-    GPQA_PROMPT,
-    MATH_PROMPT,
     Problem,
     Task,
     TaskError,

@@ -17,7 +17,7 @@ import re
 from functools import lru_cache
 from typing import Protocol
 
-from .tasks import LETTERS
+from .answers import LETTERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,21 +36,6 @@ class Grader(Protocol):
 
 
 # -------------------------------------------------------------------------------------------- math
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces balanced."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
-    return None
-
-
 class MathGrader:
     """math-verify grading, configured as open-r1's lighteval MATH-500/AIME metrics."""
 

@@ -27,26 +27,14 @@ import dataclasses
 import hashlib
 import json
 import random
-import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-MATH_PROMPT = (
-    "Solve the following math problem efficiently and clearly.  The last line of your response should be of "
-    "the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' (without "
-    "quotes) where ANSWER is just the final number or expression that solves the problem. Think step by step "
-    "before answering.\n\n{problem}"
-)
-GPQA_PROMPT = (
-    "Answer the following multiple choice question. The last line of your response should be of the following "
-    "format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by step before "
-    "answering.\n\n{question}\n\n{choices}"
-)
+from .answers import GPQA_PROMPT, LETTERS, MATH_PROMPT, last_boxed
 
 OPEN_ROLES = ("problem", "answer", "solution", "id")
 CHOICE_ROLES = ("question", "correct", "incorrect", "id")
-LETTERS = string.ascii_uppercase
 
 
 class TaskError(ValueError):
@@ -179,8 +167,6 @@ class Task:
         if answer is not None and str(answer).strip():
             return str(answer).strip()
         if "solution" in c and row.get(c["solution"]):
-            from .grading import last_boxed  # local: grading imports math-verify lazily anyway
-
             boxed = last_boxed(str(row[c["solution"]]))
             if boxed:
                 return boxed

@@ -17,7 +17,6 @@ from nexus_retrofit.demo.arithmetic import (
     SFT_SIZE,
     SINGLE_STEP,
     TWO_STEP,
-    boxed_answer,
     eval_problems,
     generate_problems,
     held_out_texts,
@@ -27,6 +26,7 @@ from nexus_retrofit.demo.arithmetic import (
     to_messages,
     write_datasets,
 )
+from nexus_retrofit.evaluation.answers import last_boxed
 
 STEP = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
 OPS = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
@@ -100,7 +100,7 @@ def test_every_eval_answer_is_the_boxed_answer_and_right():
     for row in read_jsonl(eval_data_path()):
         *steps, last = row["solution"].split("\n")
         assert last == FINAL_LINE.format(answer=row["answer"])
-        assert boxed_answer(row["solution"]) == row["answer"]
+        assert last_boxed(row["solution"]) == row["answer"]
         assert len(steps) == row["level"]
         previous = None
         for line in steps:
@@ -126,13 +126,13 @@ def test_rows_render_one_problem_consistently():
     assert row["level"] == 2 and row["subject"] == "arithmetic"
 
 
-def test_boxed_answer():
-    assert boxed_answer("a $\\boxed{3}$ then $\\boxed{ 12 }$") == "12"
-    assert boxed_answer("no box") is None
+def test_last_boxed():
+    assert last_boxed("a $\\boxed{3}$ then $\\boxed{ 12 }$") == "12"
+    assert last_boxed("no box") is None
 
 
 def test_prompt_matches_the_eval_harness():
     """The model must see in training exactly the user message the eval harness sends."""
-    from nexus_retrofit.evaluation.tasks import MATH_PROMPT as HARNESS_PROMPT
+    from nexus_retrofit.evaluation.answers import MATH_PROMPT as HARNESS_PROMPT
 
     assert HARNESS_PROMPT.replace("{problem}", "PROBLEM") == MATH_PROMPT + "PROBLEM"

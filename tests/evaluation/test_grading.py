@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nexus_retrofit.evaluation.grading import extract_letter, get_grader, last_boxed
+from nexus_retrofit.evaluation.answers import last_boxed
+from nexus_retrofit.evaluation.grading import extract_letter, get_grader
 
 FINAL = "Therefore, the final answer is: $\\boxed{{{}}}$. I hope it is correct"
 
