@@ -24,6 +24,7 @@ API, by use:
   ``check_output_dir(out, overwrite)`` validates only; ``is_marked`` / ``mark_dir`` for resume logic.
 * named files in a shared folder (bench, experiment): ``check_output_files(folder, names, overwrite)``
 * one file (compare --plot):                      ``check_output_path(path)``
+* a folder a command fills with files of its own (train, eval): ``check_output_location(out)``
 * every check raises :class:`OutputError` (a ``ValueError``) whose message is one line naming the
   problem and the fix; commands print it and exit 2.
 """
@@ -104,6 +105,21 @@ def _check_not_under_file(path: Path, flag: str) -> None:
             if not parent.is_dir():
                 raise OutputError(f"{flag} {path} is under the file {parent}; choose a path in a folder")
             return
+
+
+def check_output_location(
+    path: str | os.PathLike, flag: str = "output", may_be_protected: bool = False
+) -> Path:
+    """Validate a folder that a command writes its own files into, in place (train, eval): a folder or a
+    new path, not under a file, and (unless `may_be_protected`) not cwd, home, a root or one holding them."""
+    resolved = Path(path).expanduser().resolve()
+    why = None if may_be_protected else _protected(resolved)
+    if why is not None:
+        raise OutputError(f"{flag} {path} is {why}; choose a new folder, e.g. {Path(path) / 'run'}")
+    if resolved.exists() and not resolved.is_dir():
+        raise OutputError(f"{flag} {path} exists and is a file; choose a folder")
+    _check_not_under_file(resolved, flag)
+    return resolved
 
 
 def check_output_path(path: str | os.PathLike, flag: str = "output") -> Path:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..safe_output import atomic_write_text, check_output_location
 from .backends import Backend, Sampling, default_backend, make_backend, render_prompt
 from .data import load_task_rows
 from .grading import get_grader
@@ -102,13 +103,7 @@ class EvalSettings:
 # ------------------------------------------------------------------------------------------ files
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON so that a reader (or a crash) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def samples_path(output_dir: Path, task_name: str) -> Path:
@@ -348,18 +343,6 @@ def _differences(old: dict, new: dict, ignore: frozenset = frozenset()) -> list[
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def check_output_location(output_dir: Path) -> None:
-    """The output folder must be a folder (or not exist yet) and not lie under a file."""
-    resolved = output_dir.expanduser().resolve()
-    if resolved.exists() and not resolved.is_dir():
-        raise ValueError(f"--output-dir {output_dir} is a file; choose a folder")
-    for parent in resolved.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--output-dir {output_dir} is under the file {parent}; choose a folder")
-            return
-
-
 def read_results(path: Path) -> dict[str, Any]:
     """A results.json as a mapping; a malformed file is a one-line error naming it and the line."""
     try:
@@ -542,7 +525,7 @@ def evaluate(
     """
     settings = settings.resolved()
     output_dir = Path(output_dir)
-    check_output_location(output_dir)
+    check_output_location(output_dir, "--output-dir", may_be_protected=True)  # it replaces only its own files
     plans = _plan(settings)  # data and columns are checked before anything is created
     model = model_info(settings.model, settings.revision, settings.trust_remote_code)
     settings_dict = settings.to_dict()

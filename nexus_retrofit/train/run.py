@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..safe_output import OutputError, atomic_write_text, check_output_location
 from .recipe import CONFIG_FILE, Recipe, RecipeError, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -195,19 +196,10 @@ def latest_complete_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
 
 def _check_location(out: Path) -> None:
     """output_dir must be a folder, not under a file, and not the current, home or a root folder."""
-    resolved = out.expanduser().resolve()
-    if resolved.exists() and not resolved.is_dir():
-        raise RecipeError(f"output_dir {out} exists and is not a folder")
-    for parent in resolved.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RecipeError(f"output_dir {out} is under the file {parent}; choose a path in a folder")
-            break
-    for what, place in (("the current directory", Path.cwd()), ("your home directory", Path.home())):
-        if resolved == place.resolve():
-            raise RecipeError(f"output_dir {out} is {what}; choose a new folder, e.g. {out / 'run'}")
-    if resolved == Path(resolved.anchor):
-        raise RecipeError(f"output_dir {out} is a filesystem root; choose a new folder")
+    try:
+        check_output_location(out, "output_dir")
+    except OutputError as e:
+        raise RecipeError(str(e)) from None
 
 
 def _resume_plan(out: Path, resume: str | bool, diff: list[str]) -> OutputPlan:
@@ -235,7 +227,7 @@ def _resume_plan(out: Path, resume: str | bool, diff: list[str]) -> OutputPlan:
     return OutputPlan(resume=str(resume), notes=notes)
 
 
-def check_output_dir(recipe: Recipe) -> OutputPlan:
+def plan_output_dir(recipe: Recipe) -> OutputPlan:
     """Validate output_dir against the recipe and decide what to do with it; writes nothing.
 
     A non-empty output_dir is accepted when it holds a run of the same recipe (same model, data and
@@ -312,7 +304,7 @@ def begin_output(out: Path, plan: OutputPlan, recipe_text: str) -> dict[str, int
 
     out.mkdir(parents=True, exist_ok=True)
     old = _previous_final_files(out)  # read before the new record replaces the old one
-    _write_text(
+    atomic_write_text(
         out / RUN_RECORD, json.dumps({"format": RECORD_FORMAT, "complete": False, "files": []}, indent=2)
     )
     for path in old:
@@ -322,7 +314,7 @@ def begin_output(out: Path, plan: OutputPlan, recipe_text: str) -> dict[str, int
         shutil.rmtree(folder)
     if plan.remove:
         logger.warning("overwrite_output_dir: writing into %s (old checkpoints removed)", out)
-    _write_text(out / CONFIG_FILE, recipe_text)
+    atomic_write_text(out / CONFIG_FILE, recipe_text)
     return _snapshot(out)
 
 
@@ -330,13 +322,13 @@ def finish_output(out: Path, before: dict[str, int], recipe_text: str) -> None:
     """After the final model is saved (main process): the recipe, then the record listing its files."""
     import json
 
-    _write_text(out / CONFIG_FILE, recipe_text)
+    atomic_write_text(out / CONFIG_FILE, recipe_text)
     after = _snapshot(out)
     files = sorted(
         n for n, t in after.items() if (n != RUN_RECORD and before.get(n) != t) or n == CONFIG_FILE
     )
     record = {"format": RECORD_FORMAT, "complete": True, "files": files}
-    _write_text(out / RUN_RECORD, json.dumps(record, indent=2))
+    atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2))
 
 
 def _on_main_then_share(training, fn):
@@ -356,13 +348,6 @@ def _on_main_then_share(training, fn):
     if kind == "error":
         raise RecipeError(value)
     return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _config_header() -> str:
@@ -596,7 +581,7 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
     _setup_logging(training)
     if "include_num_input_tokens_seen" not in parsed.values:
         training.include_num_input_tokens_seen = "non_padding"  # for tokens/s in the logs and the result
-    plan = _on_main_then_share(training, lambda: check_output_dir(parsed))
+    plan = _on_main_then_share(training, lambda: plan_output_dir(parsed))
     for note in plan.notes:
         logger.warning("%s", note)
 
