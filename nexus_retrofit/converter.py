@@ -71,6 +71,7 @@ def _move_buffers(source: nn.Module, target: nn.Module) -> None:
 
 
 def _materialise_nexus_parameters(model: PreTrainedModel, nexus: NexusConfig) -> None:
+    """Allocate and initialise the inner modules (random or copied) and the gates of every layer."""
     for attention in model.modules():
         if not isinstance(attention, NexusAttentionMixin):
             continue
@@ -82,22 +83,33 @@ def _materialise_nexus_parameters(model: PreTrainedModel, nexus: NexusConfig) ->
                 if nexus.inner_init == "copy":  # start from the pretrained attention's q/k/v/o (and norms)
                     own = attention.state_dict()
                     inner.load_state_dict({name: own[name] for name in inner.state_dict()})
-                else:
+                else:  # random (paper) or zero_out: the family's init, then o_proj to 0 below
                     for module in inner.modules():
                         model._init_weights(module)
         if hasattr(attention, "gates"):
             attention.gates.to_empty(device=reference.device)
             attention.gates.to(reference.dtype)
-            for gate in attention.gates.values():
-                with torch.no_grad():
-                    gate.zero_()
+        with torch.no_grad():
+            _start_nexus_parameters(attention, nexus)
+
+
+def _start_nexus_parameters(attention: NexusAttentionMixin, nexus: NexusConfig) -> None:
+    """Gates at gate_start (0, or 1 when open); with zero_out, each inner o_proj at 0 (LoRA's B = 0)."""
+    for gate in getattr(attention, "gates", {}).values():
+        gate.fill_(nexus.gate_start)
+    if nexus.inner_init == "zero_out" and hasattr(attention, "inner"):  # order 1 has none
+        for inner in attention.inner.values():
+            inner.o_proj.weight.zero_()
+            if inner.o_proj.bias is not None:
+                inner.o_proj.bias.zero_()
 
 
 def convert(model: PreTrainedModel, config: NexusConfig | None = None, **settings) -> PreTrainedModel:
     """Return the Nexus version of `model` (a Qwen2/Llama/Mistral/Qwen3 causal LM).
 
-    `config` is a NexusConfig, or pass its fields as keyword arguments. With gate="zero" the result
-    computes exactly what `model` computed. The source model's tensors are moved, not copied: do
+    `config` is a NexusConfig, or pass its fields as keyword arguments. With a function-preserving
+    setting (gate="zero", or gate="open" with inner_init="zero_out": the default) the result computes
+    exactly what `model` computed. The source model's tensors are moved, not copied: do
     not use `model` afterwards. New parameters follow the global torch seed.
     """
     if config is not None and settings:

@@ -28,8 +28,25 @@ def convert(
     ),
     proj: str = typer.Option("qk", "--proj", help="Refined projections: q, qk or qkv."),
     inner: str = typer.Option("separate", "--inner", help="Inner attention: separate, shared or self."),
-    gate: str = typer.Option("zero", "--gate", help="zero (function-preserving) or none (the paper's form)."),
-    inner_init: str = typer.Option("random", "--inner-init", help="random or copy (separate only)."),
+    gate: str = typer.Option(
+        None,
+        "--gate",
+        help="open (path on at 1), zero (path off at 0) or none (the paper's form); default: open for "
+        "separate with --inner-init zero_out, else zero.",
+    ),
+    inner_init: str = typer.Option(
+        None,
+        "--inner-init",
+        help="zero_out (inner o_proj at 0: exact with --gate open), random or copy; default: zero_out "
+        "with an open gate, else random.",
+    ),
+    gate_shape: str = typer.Option("channel", "--gate-shape", help="One gate per channel, head, or scalar."),
+    gate_fn: str = typer.Option("identity", "--gate-fn", help="identity or tanh (bounded gate)."),
+    gate_lr_multiplier: float = typer.Option(
+        None,
+        "--gate-lr-multiplier",
+        help="Gates' learning rate / base learning rate when fine-tuned (default: measured, per gate).",
+    ),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     seed: int = typer.Option(0, "--seed", help="Seed for the new inner weights."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of SOURCE."),
@@ -52,7 +69,16 @@ def convert(
     try:  # validate everything before loading gigabytes
         if order > MAX_ORDER:
             raise ValueError(f"--order {order} is above the supported maximum {MAX_ORDER}")
-        settings = NexusConfig(order=order, projections=proj, inner=inner, gate=gate, inner_init=inner_init)
+        settings = NexusConfig(
+            order=order,
+            projections=proj,
+            inner=inner,
+            gate=gate,
+            inner_init=inner_init,
+            gate_shape=gate_shape,
+            gate_fn=gate_fn,
+            gate_lr_multiplier="auto" if gate_lr_multiplier is None else gate_lr_multiplier,
+        )
         check_output_dir(output, overwrite, flag="OUTPUT")
         torch_dtype(dtype)
         _check_source(source, revision)

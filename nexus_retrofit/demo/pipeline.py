@@ -39,7 +39,9 @@ RECIPE: dict[str, Any] = {
     "seed": 0,
     "dataloader_num_workers": 0,
 }
-NEXUS = {"order": 2, "projections": "qk", "inner": "separate", "gate": "zero", "inner_init": "random"}
+# gate open + inner o_proj at 0: exactly the base model at step 0, and the path trains from step one
+# (a zero gate stayed at |g| ~ 4e-4 here; eval/results/experiments/retrofit/README.md).
+NEXUS = {"order": 2, "projections": "qk", "inner": "separate", "gate": "open", "inner_init": "zero_out"}
 LEVEL_TASKS = {1: "arith_1step", 2: "arith_2step"}
 
 

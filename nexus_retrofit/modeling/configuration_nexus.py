@@ -36,8 +36,18 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  #
 
 PROJECTIONS = ("q", "k", "v")
 INNER_KINDS = ("separate", "shared", "self")
-GATE_KINDS = ("zero", "none")
-INNER_INITS = ("random", "copy")
+GATE_KINDS = ("zero", "open", "none")
+INNER_INITS = ("random", "copy", "zero_out")
+GATE_SHAPES = ("channel", "head", "scalar")
+GATE_FUNCTIONS = ("identity", "tanh")
+# Measured defaults (eval/results/experiments/retrofit/README.md): the gate a conversion gets for each
+# inner kind when `gate` is not given, and the gates' learning-rate multiplier for each gate kind.
+DEFAULT_GATE = {"separate": "open", "shared": "zero", "self": "zero"}
+DEFAULT_GATE_LR_MULTIPLIER: dict[str, float | None] = {"zero": 100.0, "open": 1.0, "none": None}
+# The value of each setting added after the first release, for a saved `nexus` block that predates
+# it: such a checkpoint loads and trains exactly as it did (per-channel raw gates that train at the
+# inner modules' learning rate).
+LEGACY_SETTINGS: dict[str, Any] = {"gate_shape": "channel", "gate_fn": "identity", "gate_lr_multiplier": None}
 
 
 def _parse_projections(value: Any) -> tuple[str, ...]:
@@ -57,6 +67,43 @@ def _parse_projections(value: Any) -> tuple[str, ...]:
     return tuple(p for p in PROJECTIONS if p in items)
 
 
+def _resolve_defaults(c: NexusConfig) -> None:
+    """Fill the settings left at None/"auto" with the measured defaults (always function-preserving)."""
+    if c.gate is None:
+        open_ok = c.inner == "separate" and c.inner_init in (None, "zero_out")
+        object.__setattr__(c, "gate", DEFAULT_GATE[c.inner] if open_ok else "zero")
+    if c.inner_init is None:
+        zero_out = c.gate == "open" and c.inner == "separate"
+        object.__setattr__(c, "inner_init", "zero_out" if zero_out else "random")
+    if c.gate_lr_multiplier == "auto":
+        object.__setattr__(c, "gate_lr_multiplier", DEFAULT_GATE_LR_MULTIPLIER.get(c.gate))
+
+
+def _parse_multiplier(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"NexusConfig.gate_lr_multiplier must be a number > 0 or None, got {value!r}")
+    return float(value)
+
+
+def _check_combination(c: NexusConfig) -> None:
+    """Refuse settings that contradict each other, one line each."""
+    if c.inner_init in ("copy", "zero_out") and c.inner != "separate":
+        raise ValueError(
+            f"NexusConfig.inner_init={c.inner_init!r} only applies to inner='separate' (it initialises the new "
+            f"inner modules); inner={c.inner!r} has no inner modules: use inner_init='random'"
+        )
+    if c.inner_init == "zero_out" and c.gate != "open":
+        why = "the path would stay 0 and never train" if c.gate == "zero" else "X_p would be 0"
+        raise ValueError(f"NexusConfig.inner_init='zero_out' needs gate='open' (with gate={c.gate!r} {why})")
+    if c.gate == "open" and c.inner != "separate":
+        raise ValueError(
+            f"NexusConfig.gate='open' needs inner='separate': inner={c.inner!r} has no inner o_proj to start at 0, "
+            "so an open gate would change the converted model's function; use gate='zero' (or 'none')"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class NexusConfig:
     """Settings of a Nexus retrofit. See DESIGN.md section 1.
@@ -66,17 +113,30 @@ class NexusConfig:
     projections: which projection inputs are refined (Table 2: "q", "qk", "qkv").
     inner: "separate" (own attention module per refined projection, Sec. 4.4), "shared" (the layer's
         own attention, Eq. 12) or "self" (parameter-free per-head self-attention on Q/K, Eq. 7-8).
-    gate: "zero" adds X + g * Inner(X) with g = 0 at init (function-preserving), "none" is the
-        paper's X <- Inner(X).
-    inner_init: "random" (paper) or "copy" (inner modules start as copies of the layer's attention;
-        only for inner="separate").
+    gate: the gated residual X_p = X + f(g_p) * Inner_p(X) (beyond the paper), with the raw gate g_p
+        starting at 0 ("zero": function-preserving, but the inner modules get no gradient until g_p
+        moves) or at 1 ("open": the path starts on; exactly function-preserving only with
+        inner_init="zero_out"); "none" is the paper's X_p = Inner_p(X).
+    inner_init: "random" (paper), "copy" (inner modules start as copies of the layer's attention) or
+        "zero_out" (random, with the inner o_proj at 0: with gate="open" the converted model computes
+        the source model's function exactly and o_proj's gradient is first-order non-zero, like LoRA's
+        B = 0). "copy" and "zero_out" need inner="separate" (the only kind with inner modules).
+    gate_shape: one gate value per "channel" (hidden size; per head dimension for inner="self"), per
+        inner attention "head" (scales the inner heads before the inner o_proj), or one "scalar".
+    gate_fn: f, "identity" or "tanh" (a bounded gate, |f(g)| < 1).
+    gate_lr_multiplier: learning rate of the gates as a multiple of the base learning rate when this
+        model is fine-tuned (independent of the recipe's inner_lr_multiplier for the inner modules);
+        None: the gates train at the inner modules' rate. Unused with gate="none".
     """
 
     order: int = 2
     projections: tuple[str, ...] = ("q", "k")
     inner: str = "separate"
-    gate: str = "zero"
-    inner_init: str = "random"
+    gate: str | None = None  # None: DEFAULT_GATE[inner] (or "zero" when inner_init is random/copy)
+    inner_init: str | None = None  # None: "zero_out" with an open gate, else "random"
+    gate_shape: str = "channel"
+    gate_fn: str = "identity"
+    gate_lr_multiplier: float | str | None = "auto"  # "auto": DEFAULT_GATE_LR_MULTIPLIER[gate]
 
     def __post_init__(self) -> None:
         if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
@@ -84,15 +144,30 @@ class NexusConfig:
                 f"NexusConfig.order must be an integer >= 1 (1 = standard attention), got {self.order!r}"
             )
         object.__setattr__(self, "projections", _parse_projections(self.projections))
-        for field, allowed in (("inner", INNER_KINDS), ("gate", GATE_KINDS), ("inner_init", INNER_INITS)):
+        _resolve_defaults(self)
+        choices = (
+            ("inner", INNER_KINDS),
+            ("gate", GATE_KINDS),
+            ("inner_init", INNER_INITS),
+            ("gate_shape", GATE_SHAPES),
+            ("gate_fn", GATE_FUNCTIONS),
+        )
+        for field, allowed in choices:
             value = getattr(self, field)
             if value not in allowed:
                 raise ValueError(f"NexusConfig.{field} must be one of {allowed}, got {value!r}")
-        if self.inner_init == "copy" and self.inner != "separate":
-            raise ValueError(
-                f"NexusConfig.inner_init='copy' only applies to inner='separate' (it copies the pretrained "
-                f"attention into the new inner modules); inner={self.inner!r} has no inner modules: use inner_init='random'"
-            )
+        object.__setattr__(self, "gate_lr_multiplier", _parse_multiplier(self.gate_lr_multiplier))
+        _check_combination(self)
+
+    @property
+    def gate_start(self) -> float:
+        """The raw gates' value at conversion (before gate_fn)."""
+        return 1.0 if self.gate == "open" else 0.0
+
+    @property
+    def function_preserving(self) -> bool:
+        """True when the converted model computes exactly the source model's function."""
+        return self.gate == "zero" or (self.gate == "open" and self.inner_init == "zero_out")
 
     @property
     def levels(self) -> int:
@@ -114,6 +189,14 @@ class NexusConfig:
         d = dataclasses.asdict(self)
         d["projections"] = list(self.projections)
         return d
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any] | None) -> NexusConfig:
+        """The settings of a saved `nexus` block; a setting it predates takes LEGACY_SETTINGS' value."""
+        data = dict(data or {})
+        if data:
+            data = {**LEGACY_SETTINGS, **data}
+        return cls.from_dict(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> NexusConfig:
@@ -139,7 +222,7 @@ class _NexusConfigMixin:
     nexus_family: str
 
     def __post_init__(self, **kwargs):
-        self.nexus = NexusConfig.from_dict(self.nexus).to_dict()
+        self.nexus = NexusConfig.from_saved(self.nexus).to_dict()
         # The range of the modeling code that runs (and that save_pretrained bundles); the writer's
         # own release is transformers' `transformers_version` field.
         self.nexus_tested_transformers = f">={TESTED_TRANSFORMERS[0]},<={TESTED_TRANSFORMERS[1]}"

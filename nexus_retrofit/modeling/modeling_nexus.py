@@ -207,18 +207,34 @@ class NexusAttentionMixin:
             self.inner = nn.ModuleDict(
                 {p: self.base_attention_class(config, layer_idx) for p in nexus.projections}
             )
-        if nexus.gate == "zero" and nexus.levels > 0:
+        if nexus.gate != "none" and nexus.levels > 0:
             self.gates = nn.ParameterDict(
-                {p: nn.Parameter(torch.zeros(self._gate_width(p))) for p in nexus.projections}
+                {
+                    p: nn.Parameter(torch.full((self._gate_width(p),), nexus.gate_start))
+                    for p in nexus.projections
+                }
             )
+        self.probe_path = False  # set by the trainer on logging steps: record path_strength in forward
+        self.path_strength: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------- helpers
     def _heads(self, p: str) -> int:
         return self.num_heads if p == "q" else self.num_kv_heads
 
     def _gate_width(self, p: str) -> int:
+        """Number of gate values of projection p: one per channel, per inner head, or one."""
+        shape = self.nexus.gate_shape
+        if shape == "scalar":
+            return 1
+        if shape == "head":  # the heads of the inner attention (self: the projection's own heads)
+            return self._heads(p) if self.nexus.inner == "self" else self.num_heads
         # separate/shared refine the layer input (hidden size); self refines one projection's heads.
         return self._heads(p) * self.head_dim if self.nexus.inner == "self" else self.config.hidden_size
+
+    def gate_values(self, p: str) -> torch.Tensor:
+        """f(g_p): the gate as it multiplies the inner output (gate_fn applied), flat."""
+        gate = self.gates[p]
+        return torch.tanh(gate) if self.nexus.gate_fn == "tanh" else gate
 
     def _sliding_window(self) -> int | None:
         if hasattr(self, "sliding_window"):
@@ -276,12 +292,34 @@ class NexusAttentionMixin:
         return out, weights
 
     def _gated(self, base: torch.Tensor, inner_out: torch.Tensor, p: str) -> torch.Tensor:
+        """X_p = X + f(g_p) * Inner_p(X) (gated residual), or the paper's X_p = Inner_p(X) (Eq. 10-11)."""
         if self.nexus.gate == "none":
-            return inner_out  # the paper's form: X_p = Inner_p(X)
-        gate = self.gates[p]
-        if self.nexus.inner == "self":
-            gate = gate.view(self._heads(p), self.head_dim)  # per head and dimension; heads are (B, n, h, d)
-        return torch.addcmul(base, gate, inner_out)  # X_p = X + g_p * Inner_p(X), one kernel
+            refined = inner_out
+        elif self.nexus.gate_shape == "head" and self.nexus.inner != "self":
+            refined = base + inner_out  # the head gates scaled the inner heads before o_proj
+        else:
+            gate = self.gate_values(p)
+            if self.nexus.inner == "self":  # heads are (B, n, h, d): per head and dimension, or per head
+                gate = (
+                    gate.view(-1, self.head_dim) if self.nexus.gate_shape == "channel" else gate.view(-1, 1)
+                )
+            refined = torch.addcmul(base, gate, inner_out)  # one kernel
+        if self.probe_path:
+            self._record_path_strength(base, refined, p)
+        return refined
+
+    @torch.no_grad()
+    def _record_path_strength(self, base: torch.Tensor, refined: torch.Tensor, p: str) -> None:
+        """||X_p - X|| / ||X|| (the gated path's share, ||f(g) * Inner_p(X)|| / ||X||) at the last level."""
+        path = refined if self.nexus.gate == "none" else refined - base
+        self.path_strength[p] = (path.float().norm() / base.float().norm().clamp_min(1e-12)).item()
+
+    def _inner_output(self, module: nn.Module, heads: torch.Tensor, p: str) -> torch.Tensor:
+        """Inner o_proj on the inner attention's heads (B, n, H*d); per-head gates scale the heads first."""
+        if self.nexus.gate != "none" and self.nexus.gate_shape == "head":
+            scaled = heads.view(*heads.shape[:-1], self.num_heads, -1) * self.gate_values(p)[:, None]
+            heads = scaled.flatten(-2)
+        return module.o_proj(heads)
 
     @staticmethod
     def _rope_qk(qk: torch.Tensor, q_heads: int, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,9 +354,16 @@ class NexusAttentionMixin:
             **kwargs,
         )
         out = out.view(*x.shape[:-1], len(modules), -1)  # (B, n, modules, H*d): no copy per module
-        ys = [m.o_proj(out[..., i, :]) for i, m in enumerate(modules)]
-        if self.nexus.inner == "shared":
-            ys = ys * len(self.nexus.projections)
+        if self.nexus.inner == "shared" and not (
+            self.nexus.gate_shape == "head" and self.nexus.gate != "none"
+        ):
+            ys = [self.o_proj(out[..., 0, :])] * len(self.nexus.projections)  # one pass serves every p
+        else:
+            owners = modules * len(self.nexus.projections) if self.nexus.inner == "shared" else modules
+            ys = [
+                self._inner_output(m, out[..., i % len(modules), :], p)
+                for i, (m, p) in enumerate(zip(owners, self.nexus.projections))
+            ]
         refined = dict(inputs)
         for p, y in zip(self.nexus.projections, ys):
             refined[p] = self._gated(x, y, p)
@@ -456,13 +501,34 @@ def _install_nexus_attention(layers: nn.ModuleList, config, attention_class: typ
 
 
 class _NexusPreTrainedMixin:
-    """Zero-initialises the gates (function-preserving retrofit) on top of the family's init."""
+    """On top of the family's init: gates at their start value (0, or 1 for gate="open") and, with
+    inner_init="zero_out", the inner o_proj at 0 (the function-preserving retrofit)."""
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, NexusAttentionMixin) and hasattr(module, "gates"):
-            for gate in module.gates.values():
-                init.zeros_(gate)
+        if isinstance(module, NexusAttentionMixin):
+            init_nexus_parameters(module)
+
+
+@torch.no_grad()
+def _start_nexus_parameters(model: nn.Module) -> None:
+    """After post_init: the family's init pass runs on the inner `Model` with the family's own
+    `_init_weights`, which knows no gates; put every gate (and zero_out o_proj) at its start value."""
+    for module in model.modules():
+        if isinstance(module, NexusAttentionMixin):
+            init_nexus_parameters(module)
+
+
+def init_nexus_parameters(attention: NexusAttentionMixin) -> None:
+    """Gates to NexusConfig.gate_start; with inner_init="zero_out", every inner o_proj to 0."""
+    nexus = attention.nexus
+    for gate in getattr(attention, "gates", {}).values():
+        init.constant_(gate, nexus.gate_start)
+    if nexus.inner_init == "zero_out" and hasattr(attention, "inner"):  # order 1 has none
+        for inner in attention.inner.values():
+            init.zeros_(inner.o_proj.weight)
+            if inner.o_proj.bias is not None:
+                init.zeros_(inner.o_proj.bias)
 
 
 class NexusQwen2Model(_NexusPreTrainedMixin, Qwen2Model):
@@ -472,6 +538,7 @@ class NexusQwen2Model(_NexusPreTrainedMixin, Qwen2Model):
         super().__init__(config)
         _install_nexus_attention(self.layers, config, NexusQwen2Attention)
         self.post_init()
+        _start_nexus_parameters(self)
 
 
 class NexusQwen2ForCausalLM(_NexusPreTrainedMixin, Qwen2ForCausalLM):
@@ -481,6 +548,7 @@ class NexusQwen2ForCausalLM(_NexusPreTrainedMixin, Qwen2ForCausalLM):
         super().__init__(config)
         _install_nexus_attention(self.model.layers, config, NexusQwen2Attention)
         self.post_init()
+        _start_nexus_parameters(self)
 
 
 class NexusLlamaModel(_NexusPreTrainedMixin, LlamaModel):
@@ -490,6 +558,7 @@ class NexusLlamaModel(_NexusPreTrainedMixin, LlamaModel):
         super().__init__(config)
         _install_nexus_attention(self.layers, config, NexusLlamaAttention)
         self.post_init()
+        _start_nexus_parameters(self)
 
 
 class NexusLlamaForCausalLM(_NexusPreTrainedMixin, LlamaForCausalLM):
@@ -499,6 +568,7 @@ class NexusLlamaForCausalLM(_NexusPreTrainedMixin, LlamaForCausalLM):
         super().__init__(config)
         _install_nexus_attention(self.model.layers, config, NexusLlamaAttention)
         self.post_init()
+        _start_nexus_parameters(self)
 
 
 class NexusMistralModel(_NexusPreTrainedMixin, MistralModel):
@@ -508,6 +578,7 @@ class NexusMistralModel(_NexusPreTrainedMixin, MistralModel):
         super().__init__(config)
         _install_nexus_attention(self.layers, config, NexusMistralAttention)
         self.post_init()
+        _start_nexus_parameters(self)
 
 
 class NexusMistralForCausalLM(_NexusPreTrainedMixin, MistralForCausalLM):
@@ -517,6 +588,7 @@ class NexusMistralForCausalLM(_NexusPreTrainedMixin, MistralForCausalLM):
         super().__init__(config)
         _install_nexus_attention(self.model.layers, config, NexusMistralAttention)
         self.post_init()
+        _start_nexus_parameters(self)
 
 
 class NexusQwen3Model(_NexusPreTrainedMixin, Qwen3Model):
@@ -526,6 +598,7 @@ class NexusQwen3Model(_NexusPreTrainedMixin, Qwen3Model):
         super().__init__(config)
         _install_nexus_attention(self.layers, config, NexusQwen3Attention)
         self.post_init()
+        _start_nexus_parameters(self)
 
 
 class NexusQwen3ForCausalLM(_NexusPreTrainedMixin, Qwen3ForCausalLM):
@@ -535,6 +608,7 @@ class NexusQwen3ForCausalLM(_NexusPreTrainedMixin, Qwen3ForCausalLM):
         super().__init__(config)
         _install_nexus_attention(self.model.layers, config, NexusQwen3Attention)
         self.post_init()
+        _start_nexus_parameters(self)
 
 
 # save_pretrained copies this file (and configuration_nexus.py, which it imports) next to the weights.
@@ -543,6 +617,7 @@ for _cls in (NexusQwen2ForCausalLM, NexusLlamaForCausalLM, NexusMistralForCausal
 
 __all__ = [
     "NexusAttentionMixin",
+    "init_nexus_parameters",
     "NexusQwen2Model",
     "NexusQwen2ForCausalLM",
     "NexusLlamaModel",

@@ -111,8 +111,13 @@ class NexusTrainArguments:
     order: int | None = field(default=None, metadata={"help": "Attention order m (1 = standard)."})
     projections: Any = field(default=None, metadata={"help": "Refined projections: q, qk or qkv."})
     inner: str | None = field(default=None, metadata={"help": "separate, shared or self."})
-    gate: str | None = field(default=None, metadata={"help": "zero (function-preserving) or none."})
-    inner_init: str | None = field(default=None, metadata={"help": "random or copy (separate only)."})
+    gate: str | None = field(default=None, metadata={"help": "zero, open or none."})
+    inner_init: str | None = field(default=None, metadata={"help": "random, copy or zero_out (separate)."})
+    gate_shape: str | None = field(default=None, metadata={"help": "channel, head or scalar."})
+    gate_fn: str | None = field(default=None, metadata={"help": "identity or tanh."})
+    gate_lr_multiplier: float | None = field(
+        default=None, metadata={"help": "Learning rate of the gates, as a multiple of learning_rate."}
+    )
     inner_lr_multiplier: float = field(
         default=1.0,
         metadata={"help": "Learning rate of the inner modules and gates, as a multiple of learning_rate."},
@@ -122,7 +127,8 @@ class NexusTrainArguments:
         metadata={"help": "Optimizer steps at the start during which only the Nexus parameters train."},
     )
 
-    ARCHITECTURE = ("order", "projections", "inner", "gate", "inner_init")
+    ARCHITECTURE = ("order", "projections", "inner", "gate", "inner_init", "gate_shape", "gate_fn")
+    ARCHITECTURE += ("gate_lr_multiplier",)  # recorded in the checkpoint's nexus block (NexusConfig)
 
     def __post_init__(self) -> None:
         m = self.inner_lr_multiplier
@@ -281,7 +287,7 @@ def _nexus_value(name: str, raw: str | None) -> Any:
             return int(raw)
         except ValueError:
             raise RecipeError(f"nexus.{name} must be an integer, got {raw!r}") from None
-    if name == "inner_lr_multiplier":
+    if name in ("inner_lr_multiplier", "gate_lr_multiplier"):
         try:
             return float(raw)
         except ValueError:

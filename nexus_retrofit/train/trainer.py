@@ -1,8 +1,12 @@
 """SFTTrainer with the Nexus parameters in their own optimizer groups, and an optional inner-only phase.
 
 The inner attention modules and gates are new, randomly initialised (or zero) parameters next to
-pretrained ones, so they may want a larger learning rate (`nexus.inner_lr_multiplier`) and a short
-phase where only they train (`nexus.inner_only_steps`). Both are done through the optimizer and the
+pretrained ones, so they may want their own learning rates: `nexus.inner_lr_multiplier` for the inner
+modules, `nexus.gate_lr_multiplier` for the gates (a multiplier on every new parameter made the inner
+path explode in the retrofit study; one on the gates alone opened zero gates without harm), and a
+short phase where only they train (`nexus.inner_only_steps`). On logging steps the trainer also logs
+the gates (|f(g)|) and the path strength per refined projection p, ||f(g_p) Inner_p(X)|| / ||X||
+mean over layers (`nexus_path_q`, ...): how much of the signal the Nexus path carries. Both are done through the optimizer and the
 scheduler, not by toggling `requires_grad`: DDP, DeepSpeed ZeRO and FSDP fix the set of trainable
 parameters when they wrap the model, and a parameter whose learning rate is 0 stays bit-identical
 under every AdamW variant. The scheduler scales every group, so warmup and decay apply to both.
@@ -19,6 +23,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from ..converter import is_nexus_parameter
+from ..modeling import NexusAttentionMixin
 from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -32,34 +37,92 @@ def nexus_param_groups(
     weight_decay: float,
     learning_rate: float,
     multiplier: float,
+    gate_multiplier: float | None = None,
 ) -> list[dict]:
     """Optimizer groups: base and Nexus parameters, each with and without weight decay.
 
-    Nexus groups get `learning_rate * multiplier`. Gates are never decayed: decay would pull them
-    back to zero, i.e. back to the base model.
+    Inner modules get `learning_rate * multiplier`. Gates get `learning_rate * gate_multiplier` in a
+    group of their own ("nexus_gates"), or share the inner modules' rate (and the "nexus_no_decay"
+    group) when gate_multiplier is None or the same. Gates are never decayed: decay would pull them
+    back to their start, i.e. to the base model.
     """
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {
-        (n, d): [] for n in (False, True) for d in (True, False)
+    own_gate_group = gate_multiplier is not None and gate_multiplier != multiplier
+    buckets: dict[str, list[nn.Parameter]] = {
+        "base": [],
+        "base_no_decay": [],
+        "nexus": [],
+        "nexus_no_decay": [],
+        "nexus_gates": [],
     }
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
-        nexus = is_nexus_parameter(name)
-        decays = name in decay_names and GATE_MARKER not in name
-        buckets[(nexus, decays)].append(param)
+        gate = GATE_MARKER in name
+        if gate and own_gate_group:
+            buckets["nexus_gates"].append(param)
+            continue
+        prefix = "nexus" if is_nexus_parameter(name) else "base"
+        decays = name in decay_names and not gate
+        buckets[prefix + ("" if decays else "_no_decay")].append(param)
+    lrs = {"base": learning_rate, "nexus": learning_rate * multiplier}
+    lrs["nexus_gates"] = learning_rate * (gate_multiplier if own_gate_group else multiplier)
     groups = []
-    for (nexus, decays), params in buckets.items():
+    for name, params in buckets.items():
         if params:
+            kind = "nexus_gates" if name == "nexus_gates" else name.removesuffix("_no_decay")
             groups.append(
                 {
                     "params": params,
-                    "weight_decay": weight_decay if decays else 0.0,
-                    "lr": learning_rate * (multiplier if nexus else 1.0),
-                    "name": ("nexus" if nexus else "base") + ("" if decays else "_no_decay"),
-                    "nexus": nexus,
+                    "weight_decay": weight_decay if name in ("base", "nexus") else 0.0,
+                    "lr": lrs[kind],
+                    "name": name,
+                    "nexus": kind != "base",
                 }
             )
     return groups
+
+
+def model_gate_lr_multiplier(model: nn.Module) -> float | None:
+    """The gates' learning-rate multiplier a Nexus model's config records (None: the inner modules')."""
+    nexus = getattr(getattr(model, "config", None), "nexus", None)
+    return nexus.get("gate_lr_multiplier") if isinstance(nexus, dict) else None
+
+
+def nexus_attentions(model: nn.Module) -> list[NexusAttentionMixin]:
+    return [m for m in model.modules() if isinstance(m, NexusAttentionMixin)]
+
+
+def set_path_probes(model: nn.Module, on: bool) -> None:
+    """Make every Nexus attention record its path strength in its next forward passes (or stop)."""
+    for attention in nexus_attentions(model):
+        attention.probe_path = on
+        if on:
+            attention.path_strength = {}
+
+
+def path_strength(model: nn.Module) -> dict[str, float]:
+    """Per refined projection p: ||f(g_p) * Inner_p(X)|| / ||X|| of the last probed forward, mean over layers."""
+    values: dict[str, list[float]] = {}
+    for attention in nexus_attentions(model):
+        for p, value in attention.path_strength.items():
+            values.setdefault(p, []).append(value)
+    return {p: sum(v) / len(v) for p, v in values.items()}
+
+
+def gate_statistics(model: nn.Module) -> dict[str, float]:
+    """Mean and max of |f(g)| over every gate value (gate_fn applied), for the logs."""
+    gates = [
+        a.gate_values(p).detach().float().flatten()
+        for a in nexus_attentions(model)
+        for p in getattr(a, "gates", {})
+    ]
+    if not gates:
+        return {}
+    flat = torch.cat(gates).abs()
+    return {
+        "nexus_gate_abs_mean": round(flat.mean().item(), 6),
+        "nexus_gate_abs_max": round(flat.max().item(), 6),
+    }
 
 
 def hold_until(schedule: Callable[[int], float], steps: int) -> Callable[[int], float]:
@@ -110,10 +173,18 @@ class NexusPhaseCallback(TrainerCallback):
 class NexusSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer; on a Nexus model, separate optimizer groups, an inner-only phase and gate logs."""
 
-    def __init__(self, *args, inner_lr_multiplier: float = 1.0, inner_only_steps: int = 0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        inner_lr_multiplier: float = 1.0,
+        inner_only_steps: int = 0,
+        gate_lr_multiplier: float | None = None,
+        **kwargs,
+    ):
         self.inner_lr_multiplier = inner_lr_multiplier
         self.inner_only_steps = inner_only_steps
         self._step_lrs: dict[str, float] = {}
+        self._path_strength: dict[str, float] = {}
         callbacks = list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=[*callbacks, NexusPhaseCallback(inner_only_steps)], **kwargs)
         self.nexus_groups = any(is_nexus_parameter(n) for n, _ in self.model.named_parameters())
@@ -121,6 +192,10 @@ class NexusSFTTrainer(SFTTrainer):
             raise RecipeError(
                 "nexus.inner_lr_multiplier / nexus.inner_only_steps need a Nexus model, but it has no Nexus parameters"
             )
+        # The gates' rate: given here, else the one the model's nexus block records (NexusConfig).
+        self.gate_lr_multiplier = (
+            gate_lr_multiplier if gate_lr_multiplier is not None else model_gate_lr_multiplier(self.model)
+        )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is not None or not self.nexus_groups:
@@ -132,6 +207,7 @@ class NexusSFTTrainer(SFTTrainer):
             self.args.weight_decay,
             self.args.learning_rate,
             self.inner_lr_multiplier,
+            self.gate_lr_multiplier,
         )
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
@@ -170,9 +246,17 @@ class NexusSFTTrainer(SFTTrainer):
         if self.nexus_groups:  # the learning rates this optimizer step will use, for the logs
             lrs: dict[str, float] = {}
             for group in self.optimizer.param_groups:
-                lrs.setdefault("nexus" if group.get("nexus") else "base", group["lr"])
+                name = group.get("name", "")
+                kind = "gates" if name == "nexus_gates" else "nexus" if group.get("nexus") else "base"
+                lrs.setdefault(kind, group["lr"])
             self._step_lrs = lrs
+        probe = self.nexus_groups and self._logs_this_step()
+        if probe:
+            set_path_probes(self.model, True)
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if probe:
+            self._path_strength = path_strength(self.model)
+            set_path_probes(self.model, False)
         if self.nexus_groups and self.state.global_step < self.inner_only_steps:
             self._drop_base_grads()
         return loss
@@ -186,15 +270,21 @@ class NexusSFTTrainer(SFTTrainer):
                 for param in group["params"]:
                     param.grad = None
 
+    def _logs_this_step(self) -> bool:
+        """True when the optimizer step now running ends on a logging step (path strength is probed then)."""
+        step = self.state.global_step + 1
+        every = self.state.logging_steps or self.args.logging_steps
+        every = max(1, int(every if every >= 1 else every * max(1, self.state.max_steps)))
+        return step % every == 0 or (step == 1 and self.args.logging_first_step)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.nexus_groups and "loss" in logs:
             if "nexus" in self._step_lrs:
                 logs["learning_rate_nexus"] = self._step_lrs["nexus"]
-            gates = [
-                p.detach().float() for n, p in self.model.named_parameters() if GATE_MARKER in n and p.numel()
-            ]
-            if gates:
-                flat = torch.cat([g.flatten() for g in gates]).abs()
-                logs["nexus_gate_abs_mean"] = round(flat.mean().item(), 6)
-                logs["nexus_gate_abs_max"] = round(flat.max().item(), 6)
+            if "gates" in self._step_lrs:
+                logs["learning_rate_gates"] = self._step_lrs["gates"]
+            logs.update(gate_statistics(self.model))
+            for p, value in self._path_strength.items():  # ||f(g_p) Inner_p(X)|| / ||X||, mean over layers
+                logs[f"nexus_path_{p}"] = round(value, 6)
+            self._path_strength = {}
         super().log(logs, start_time)

@@ -17,7 +17,7 @@ def test_demo_smoke_run(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--steps", "2", "--eval-limit", "3", "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["conversion_max_logit_diff"] == 0.0  # gate=zero: the converted model is the source model
+    assert summary["conversion_max_logit_diff"] == 0.0  # open gate, zero o_proj: the source model
     names = [row["name"] for row in summary["rows"]]
     assert names == ["pretrained (no SFT)", "baseline-sft", "nexus-sft"]
     for row in summary["rows"]:
@@ -32,7 +32,7 @@ def test_demo_smoke_run(tmp_path):
     )
     with safe_open(str(out / "runs" / "nexus-sft" / "model.safetensors"), "pt") as f:
         gates = [f.get_tensor(k) for k in f.keys() if ".gates." in k]
-    assert gates and any(g.abs().max() > 0 for g in gates)  # SFT moved the zero-initialised gates
+    assert gates and any((g - 1).abs().max() > 0 for g in gates)  # SFT moved the gates from their start at 1
 
     again = CliRunner().invoke(app, ["demo", "--quick", "--output-dir", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output

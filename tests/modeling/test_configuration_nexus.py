@@ -9,15 +9,16 @@ from nexus_retrofit.modeling import NexusQwen2Config
 from tests.conftest import tiny_base_model
 
 
-def test_defaults_match_the_paper_retrofit():
+def test_defaults_are_the_function_preserving_retrofit_that_engages():
     cfg = NexusConfig()
     assert (cfg.order, cfg.projections, cfg.inner, cfg.gate, cfg.inner_init) == (
         2,
         ("q", "k"),
         "separate",
-        "zero",
-        "random",
+        "open",
+        "zero_out",
     )
+    assert (cfg.gate_shape, cfg.gate_fn, cfg.function_preserving) == ("channel", "identity", True)
 
 
 @pytest.mark.parametrize("spelling", ["kq", "q,k", ["k", "q"], ("q", "k"), "QK"])

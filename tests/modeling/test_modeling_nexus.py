@@ -228,7 +228,8 @@ def test_order_one_adds_nothing(ids):
 # 6. training signal --------------------------------------------------------------------------
 @pytest.mark.parametrize("inner", INNERS)
 def test_one_step_moves_gates_then_inner_weights(inner):
-    model = convert(tiny_base_model("qwen2"), NexusConfig(order=2, inner=inner)).train()
+    settings = NexusConfig(order=2, inner=inner, gate="zero", inner_init="random")
+    model = convert(tiny_base_model("qwen2"), settings).train()
     gates = {n: p for n, p in model.named_parameters() if ".gates." in n}
     inner_w = {
         n: p for n, p in model.named_parameters() if ".inner." in n or n.endswith("self_attn.q_proj.weight")
