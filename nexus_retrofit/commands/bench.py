@@ -85,6 +85,56 @@ def counts(
     console.print(f"[green]wrote[/] {report.parent}")
 
 
+@bench_app.command("gpu")
+def gpu(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Tiny shapes on the CPU, no vLLM (what CI runs)."),
+    output_dir: Path = typer.Option(Path("runs/gpu_check"), "--output-dir", help="Where the reports go."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --output-dir."),
+    budget_s: float = typer.Option(560, "--budget-s", help="Time box of the whole run, in seconds."),
+) -> None:
+    """Parity (SDPA/FlashAttention-2, padded and packed), SFT and decode speed, vLLM: one GPU, <= 10 min."""
+    from ..bench.gpu_check import Settings, run_gpu_check
+
+    device = "cpu" if dry_run else "cuda"
+    if not dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("no CUDA GPU is visible to torch; run on a GPU machine or pass --dry-run")
+    names = ["gpu_check.json", "gpu_check.md"] + [
+        f"speed/speed_{device}.{ext}" for ext in ("json", "md", "png")
+    ]
+    _check_outputs(output_dir, names, overwrite)
+    report = run_gpu_check(output_dir, Settings(device, small=dry_run, vllm=not dry_run), total_s=budget_s)
+    print(report.read_text())
+
+
+@bench_app.command("streaming")
+def streaming(
+    layers: int = typer.Option(
+        28, "--layers", help="Layers of the synthetic Qwen2.5-1.5B-shaped checkpoint."
+    ),
+    shard_gib: float = typer.Option(1.0, "--shard-gib", help="Shard size of the synthetic checkpoint."),
+    output_dir: Path = typer.Option(DEFAULT_DIR, "--output-dir", help="Where streaming.json/md go."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --output-dir."),
+) -> None:
+    """convert in memory vs --streaming on a synthetic multi-GB sharded checkpoint: peak RSS and time.
+
+    Writes the checkpoint (3 GB at the defaults) and both outputs under --output-dir, then removes them.
+    """
+    from rich.console import Console
+
+    from ..bench.streaming import run_streaming_bench
+    from ..safe_output import sigterm_as_interrupt
+
+    if layers < 1 or shard_gib <= 0:
+        raise typer.BadParameter("--layers and --shard-gib must be positive")
+    _check_outputs(output_dir, ["streaming.json", "streaming.md"], overwrite)
+    with sigterm_as_interrupt():
+        report = run_streaming_bench(output_dir, layers, shard_gib)
+    Console().print(report.read_text())
+
+
 def _fail(message: str) -> NoReturn:
     from rich.console import Console
 
