@@ -49,6 +49,13 @@ def convert(
     ),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     seed: int = typer.Option(0, "--seed", help="Seed for the new inner weights."),
+    streaming: bool = typer.Option(
+        None,
+        "--streaming/--no-streaming",
+        help="Reuse SOURCE's safetensors shards (hard-linked, else copied) and write only the new "
+        "parameters: peak memory is about one shard, not the model; same result. Default: on when "
+        "SOURCE's safetensors exceed 4 GiB or half the available RAM.",
+    ),
     revision: str = typer.Option(None, "--revision", help="Hub revision of SOURCE."),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow SOURCE's own code (off)."
@@ -85,6 +92,9 @@ def convert(
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
 
+    if streaming if streaming is not None else _should_stream(source, revision):
+        _convert_streaming(source, output, settings, seed, dtype, revision, trust_remote_code, overwrite)
+        return
     with console.status(f"loading {source} ..."):
         try:
             model = load_causal_lm(source, dtype, trust_remote_code, revision)
@@ -99,6 +109,45 @@ def convert(
         model.save_pretrained(tmp)
         has_tokenizer = save_tokenizer_files(source, tmp, revision)
     console.print(f"[green]wrote[/] {output} ({type(model).__name__}, {settings})")
+    if not has_tokenizer:
+        console.print("[yellow]note:[/] the source has no tokenizer files; none were copied")
+    _print_inspection(output)
+
+
+def _should_stream(source: str, revision: str | None) -> bool:
+    from ..streaming import should_stream
+
+    return should_stream(source, revision)
+
+
+def _convert_streaming(
+    source: str,
+    output: Path,
+    settings,
+    seed: int,
+    dtype: str,
+    revision: str | None,
+    trust_remote_code: bool,
+    overwrite: bool,
+) -> None:
+    """convert without loading SOURCE (nexus_retrofit.streaming): its shards reused, new ones written."""
+    from safetensors import SafetensorError
+
+    from ..checkpoint import save_tokenizer_files
+    from ..safe_output import atomic_dir
+    from ..streaming import convert_streaming
+
+    with console.status(f"streaming {source} ..."), atomic_dir(output, overwrite, "convert") as tmp:
+        try:
+            result = convert_streaming(source, tmp, settings, seed, dtype, revision, trust_remote_code)
+        except (OSError, ValueError, SafetensorError) as e:
+            raise fail(f"could not convert {source}: {_one_line(e)}") from None
+        has_tokenizer = save_tokenizer_files(source, tmp, revision)
+    console.print(
+        f"[green]wrote[/] {output} ({result.architecture}, {settings}; streamed: source shards "
+        f"{len(result.linked)} hard-linked, {len(result.copied)} copied, {len(result.rewritten)} rewritten; "
+        f"{result.nexus_bytes / 2**20:.1f} MiB of new parameters)"
+    )
     if not has_tokenizer:
         console.print("[yellow]note:[/] the source has no tokenizer files; none were copied")
     _print_inspection(output)
