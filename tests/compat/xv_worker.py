@@ -43,9 +43,21 @@ def _outputs(model) -> dict:
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache, prefix = DynamicCache(config=model.config), 3
-        steps = [model(ids[:, :prefix], attention_mask=mask[:, :prefix], use_cache=True, **_cache_kwargs(model, cache)).logits]
+        steps = [
+            model(
+                ids[:, :prefix],
+                attention_mask=mask[:, :prefix],
+                use_cache=True,
+                **_cache_kwargs(model, cache),
+            ).logits
+        ]
         for t in range(prefix, ids.shape[1]):
-            step = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True, **_cache_kwargs(model, cache))
+            step = model(
+                ids[:, t : t + 1],
+                attention_mask=mask[:, : t + 1],
+                use_cache=True,
+                **_cache_kwargs(model, cache),
+            )
             steps.append(step.logits)
         greedy = model.generate(
             ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
@@ -56,7 +68,14 @@ def _outputs(model) -> dict:
 def write(out: Path) -> None:
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     from nexus_retrofit import NexusConfig, convert
 
@@ -68,8 +87,15 @@ def write(out: Path) -> None:
     for name, (family, settings) in VARIANTS.items():
         config_cls, model_cls, extra = families[family]
         config = config_cls(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=101, max_position_embeddings=128, pad_token_id=0, **extra,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=101,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            **extra,
         )
         config._attn_implementation = "eager"
         torch.manual_seed(0)
