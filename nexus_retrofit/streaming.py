@@ -1,13 +1,12 @@
 """Streaming conversion: a Nexus checkpoint without ever holding the source model in memory.
 
 A conversion only adds parameters (inner attention modules and gates); every pretrained tensor keeps
-its name. So the source's safetensors shards are reused as they are (hard-linked, or copied across
-filesystems) and the new parameters are written as shards of their own, `model-nexus-*.safetensors`,
+its name. So the source's safetensors shards are reused as they are (copied byte for byte, never
+parsed) and the new parameters are written as shards of their own, `model-nexus-*.safetensors`,
 with a `model.safetensors.index.json` that maps old and new tensors. Peak memory is one Nexus shard
 (plus one layer's attention for inner_init="copy", plus one source shard when --dtype must rewrite it),
-not the model. A hard-linked shard is the source's file: the output may be replaced or deleted freely,
-but writing into its shards in place (`save_pretrained` over the same folder truncates them) would
-rewrite the source's too.
+not the model. Shards are copied, not hard-linked: a hard link would be the source's own file, and a
+later `save_pretrained` into the output (which truncates files in place) would rewrite the source.
 
 The result is the in-memory path's (`converter.convert` + `save_pretrained`): the Nexus model is built
 on the meta device after the same `torch.manual_seed(seed)`, and each attention's new parameters are
@@ -59,8 +58,7 @@ class StreamingResult:
 
     architecture: str
     dtype: torch.dtype
-    linked: list[str] = field(default_factory=list)  # source shards hard-linked into the output
-    copied: list[str] = field(default_factory=list)  # copied byte for byte (other filesystem)
+    copied: list[str] = field(default_factory=list)  # source shards copied byte for byte
     rewritten: list[str] = field(default_factory=list)  # rewritten (dtype cast or tensors dropped)
     nexus_shards: list[str] = field(default_factory=list)
     nexus_bytes: int = 0
@@ -294,14 +292,19 @@ def _write_nexus_shards(
 
 
 # ------------------------------------------------------------------------------- source shards
-def _link_or_copy(src: Path, dst: Path) -> str:
-    """Hard-link (no bytes written) when on one filesystem, else copy; returns which."""
+def _copy_shard(src: Path, dst: Path) -> None:
+    """Copy byte for byte in the kernel (copy_file_range: no user-space buffer; a filesystem with
+    reflinks shares the blocks), falling back to shutil; follows a Hub cache symlink to its blob."""
     try:
-        os.link(src, dst)  # follows a Hub cache symlink to its blob
-        return "linked"
-    except OSError:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            remaining = os.fstat(fin.fileno()).st_size
+            while remaining > 0:
+                copied = os.copy_file_range(fin.fileno(), fout.fileno(), remaining)
+                if copied == 0:
+                    raise OSError("copy_file_range made no progress")
+                remaining -= copied
+    except (OSError, AttributeError):
         shutil.copyfile(src, dst)
-        return "copied"
 
 
 def _rewrite_shard(src: Path, dst: Path, keep: set[str], dtype: torch.dtype) -> None:
@@ -338,7 +341,8 @@ def _place_source_shards(
             d == dtype or not d.is_floating_point for d in dtypes.values()
         )
         if as_is:
-            getattr(result, _link_or_copy(folder / file, out / target)).append(target)
+            _copy_shard(folder / file, out / target)
+            result.copied.append(target)
         else:
             _rewrite_shard(folder / file, out / target, keep, dtype)
             result.rewritten.append(target)

@@ -52,7 +52,7 @@ def convert(
     streaming: bool = typer.Option(
         None,
         "--streaming/--no-streaming",
-        help="Reuse SOURCE's safetensors shards (hard-linked, else copied) and write only the new "
+        help="Reuse SOURCE's safetensors shards (copied byte for byte) and write only the new "
         "parameters: peak memory is about one shard, not the model; same result. Default: on when "
         "SOURCE's safetensors exceed 4 GiB or half the available RAM.",
     ),
@@ -145,7 +145,7 @@ def _convert_streaming(
         has_tokenizer = save_tokenizer_files(source, tmp, revision)
     console.print(
         f"[green]wrote[/] {output} ({result.architecture}, {settings}; streamed: source shards "
-        f"{len(result.linked)} hard-linked, {len(result.copied)} copied, {len(result.rewritten)} rewritten; "
+        f"{len(result.copied)} copied, {len(result.rewritten)} rewritten; "
         f"{result.nexus_bytes / 2**20:.1f} MiB of new parameters)"
     )
     if not has_tokenizer:
