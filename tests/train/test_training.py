@@ -55,12 +55,8 @@ def test_nexus_lowers_the_loss(nexus_run):
     losses = [loss for _, loss in result.losses]
     assert len(losses) == 6
     assert losses[-1] < 0.8 * losses[0], losses
-    assert result.nexus == {
-        **NEXUS,
-        "projections": ["q", "k"],
-        "inner_lr_multiplier": 4.0,
-        "inner_only_steps": 0,
-    }
+    # the resolved settings (defaults filled in), plus the recipe-only training keys
+    assert result.nexus == {**NexusConfig(**NEXUS).to_dict(), "inner_lr_multiplier": 4.0, "inner_only_steps": 0}
 
 
 def test_nexus_gates_and_inner_weights_change(nexus_run, tiny_model_dir):
@@ -146,7 +142,7 @@ def test_output_loads_with_the_package_and_records_the_recipe(nexus_run):
     out = result.output_dir
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "NexusQwen2ForCausalLM"
-    assert model.config.nexus == {**NEXUS, "projections": ["q", "k"]}
+    assert model.config.nexus == NexusConfig(**NEXUS).to_dict()
     assert model.config.use_cache
     assert (out / "tokenizer.json").is_file() and (out / "modeling_nexus.py").is_file()
     saved = parse_recipe(out / CONFIG_FILE, ["--use_cpu", "true"])
