@@ -104,7 +104,7 @@ class NexusAttentionMixin:
                     for p in nexus.projections
                 }
             )
-        if nexus.gate == "zero" and nexus.levels > 0:
+        if nexus.gate != "none" and nexus.levels > 0:  # "zero" or "open": the gated residual
             self.gates = nn.ParameterDict({p: self._make_gate(p) for p in nexus.projections})
 
         def attention(name: str, num_heads: int, num_kv_heads: int) -> Attention:
@@ -135,16 +135,25 @@ class NexusAttentionMixin:
 
     # ------------------------------------------------------------------------------------ gates
     def _make_gate(self, p: str) -> nn.Parameter:
-        """Gate g_p: hidden-size for separate/shared (replicated), heads*head_dim for self (sharded)."""
-        if self.nexus.inner != "self":
-            return nn.Parameter(torch.zeros(self.hidden_size), requires_grad=False)
-        gate = nn.Parameter(torch.zeros(self.proj_heads[p] * self.head_dim), requires_grad=False)
-        gate.weight_loader = self._gate_loader(p)  # shard like qkv_proj shards the heads
+        """Gate g_p as the HF model shapes it (NexusConfig.gate_shape), this rank's part of it.
+
+        scalar: one value (replicated). channel: the hidden size for separate/shared (replicated), the
+        projection's heads x head_dim for self (sharded like those heads). head: one value per inner
+        head, sharded like the heads it scales (query heads for separate/shared, p's heads for self).
+        """
+        shape, per_head = self.nexus.gate_shape, self.nexus.inner == "self"
+        if shape == "scalar" or (shape == "channel" and not per_head):
+            width = 1 if shape == "scalar" else self.hidden_size
+            return nn.Parameter(torch.zeros(width), requires_grad=False)
+        heads_of = p if per_head else "q"
+        width = self.proj_heads[heads_of] * (self.head_dim if shape == "channel" else 1)
+        gate = nn.Parameter(torch.zeros(width), requires_grad=False)
+        gate.weight_loader = self._gate_loader(p, heads_of)  # shard like qkv_proj shards the heads
         return gate
 
-    def _gate_loader(self, p: str):
+    def _gate_loader(self, p: str, heads_of: str):
         qkv = self.qkv_proj
-        if p == "q":
+        if heads_of == "q":
             rank = qkv.tp_rank
         else:  # KV heads are split across ranks, or replicated when there are fewer than ranks
             rank = qkv.tp_rank // qkv.num_kv_head_replicas
@@ -159,10 +168,32 @@ class NexusAttentionMixin:
 
         return load
 
+    def _gate_values(self, p: str) -> torch.Tensor:
+        """f(g_p), flat: the gate as it multiplies the inner output (NexusConfig.gate_fn)."""
+        gate = self.gates[p]
+        return torch.tanh(gate) if self.nexus.gate_fn == "tanh" else gate
+
+    def _per_head_gates(self) -> bool:
+        return self.nexus.gate != "none" and self.nexus.gate_shape == "head"
+
+    def _head_gated(self, heads: torch.Tensor, p: str) -> torch.Tensor:
+        """Per-head gates scale the inner attention's heads (T, heads*d) before its o_proj."""
+        if not self._per_head_gates():
+            return heads
+        return (heads.view(heads.shape[0], -1, self.head_dim) * self._gate_values(p)[:, None]).view(
+            heads.shape
+        )
+
     def _gated(self, base: torch.Tensor, inner_out: torch.Tensor, p: str) -> torch.Tensor:
+        """X_p = X + f(g_p) * Inner_p(X) (Eq. 10-11, gated residual), or the paper's X_p = Inner_p(X)."""
         if self.nexus.gate == "none":
-            return inner_out  # the paper's form: X_p = Inner_p(X)
-        return base + self.gates[p] * inner_out  # X_p = X + g_p * Inner_p(X)
+            return inner_out
+        if self.nexus.gate_shape == "head" and self.nexus.inner != "self":
+            return base + inner_out  # the head gates scaled the inner heads before o_proj
+        gate = self._gate_values(p)
+        if self.nexus.gate_shape == "head":  # self: one value per head of p, over its head_dim
+            gate = gate.repeat_interleave(self.head_dim)
+        return base + gate * inner_out
 
     # -------------------------------------------------------------------------------- projection
     def _project(
@@ -196,22 +227,24 @@ class NexusAttentionMixin:
         """One level of `separate`/`shared`: refined inputs {p: X_p^(level)} from inputs^(level-1)."""
         xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
         refined = dict(inputs)
-        if self.nexus.inner == "shared":
-            y = self._inner_pass(positions, self, xq, xk, xv, f"level{level}")
+        if self.nexus.inner == "shared":  # one pass serves every p; only per-head gates tell them apart
+            heads = self._inner_pass(positions, self, xq, xk, xv, f"level{level}")
+            shared_out = None if self._per_head_gates() else self.o_proj(heads)[0]
             for p in self.nexus.projections:
+                y = shared_out if shared_out is not None else self.o_proj(self._head_gated(heads, p))[0]
                 refined[p] = self._gated(x, y, p)
         else:
             for p in self.nexus.projections:
-                y = self._inner_pass(positions, self.inner[p], xq, xk, xv, f"{p}_level{level}")
-                refined[p] = self._gated(x, y, p)
+                module = self.inner[p]
+                heads = self._inner_pass(positions, module, xq, xk, xv, f"{p}_level{level}")
+                refined[p] = self._gated(x, module.o_proj(self._head_gated(heads, p))[0], p)
         return refined
 
     def _inner_pass(self, positions, module, xq, xk, xv, name: str) -> torch.Tensor:
-        """Full attention of `module` (its q/k/v/o, the layer's RoPE) on the inputs; (T, hidden)."""
+        """Attention of `module` (its q/k/v, the layer's RoPE) on the inputs: heads (T, heads*d), before o_proj."""
         q, k, v = self._project(module, xq, xk, xv)
         q, k = self.rotary_emb(positions, q, k)  # in place on q, k: fresh projections, used once
-        out = self.inner_attn[name](q, k, v)
-        return module.o_proj(out)[0]
+        return self.inner_attn[name](q, k, v)
 
     def _refine_heads(
         self,

@@ -32,22 +32,43 @@ PROMPT_LENGTHS = (5, 30, 70)
 CASES = [
     pytest.param(
         family,
-        NexusConfig(order=order, projections=proj, inner=inner, gate=gate),
+        NexusConfig(order=order, projections=proj, inner=inner, **gating),
         compiled,
-        id=f"{family}-{inner}-m{order}-{proj}-{gate}" + ("-compiled" if compiled else ""),
+        id=f"{family}-{inner}-m{order}-{proj}-"
+        + "-".join(map(str, gating.values()))
+        + ("-compiled" if compiled else ""),
     )
-    for family, inner, order, proj, gate, compiled in [
-        ("qwen2", "separate", 2, "qk", "zero", False),
-        ("qwen2", "shared", 2, "qk", "zero", False),
-        ("qwen2", "self", 2, "qk", "zero", False),
-        ("qwen2", "separate", 3, "qkv", "zero", False),
-        ("qwen2", "self", 3, "qkv", "zero", True),  # torch.compile, vLLM's default (not enforce_eager)
-        ("qwen2", "shared", 3, "q", "none", False),
-        ("llama", "separate", 2, "qkv", "zero", False),
-        ("llama", "self", 2, "kv", "none", False),
-        ("qwen3", "separate", 2, "qk", "zero", False),
-        ("mistral", "shared", 2, "qk", "zero", False),
-        ("llama", "separate", 1, "qk", "zero", False),  # order 1: standard attention, no inner calls
+    for family, inner, order, proj, gating, compiled in [
+        ("qwen2", "separate", 2, "qk", {"gate": "zero"}, False),
+        ("qwen2", "separate", 2, "qk", {}, False),  # the defaults: open gate, zero inner o_proj
+        ("qwen2", "shared", 2, "qk", {"gate": "zero"}, False),
+        ("qwen2", "self", 2, "qk", {"gate": "zero"}, False),
+        ("qwen2", "separate", 3, "qkv", {"gate": "zero"}, False),
+        (
+            "qwen2",
+            "self",
+            3,
+            "qkv",
+            {"gate": "zero"},
+            True,
+        ),  # torch.compile, vLLM's default (not enforce_eager)
+        ("qwen2", "shared", 3, "q", {"gate": "none"}, False),
+        ("qwen2", "shared", 2, "qk", {"gate": "zero", "gate_shape": "head", "gate_fn": "tanh"}, False),
+        ("qwen2", "separate", 2, "qk", {"gate_shape": "head"}, False),
+        ("llama", "self", 2, "qk", {"gate": "zero", "gate_shape": "head"}, False),
+        ("qwen2", "self", 2, "q", {"gate": "zero", "gate_shape": "scalar", "gate_fn": "tanh"}, False),
+        ("llama", "separate", 2, "qkv", {"gate": "zero"}, False),
+        ("llama", "self", 2, "kv", {"gate": "none"}, False),
+        ("qwen3", "separate", 2, "qk", {"gate": "zero"}, False),
+        ("mistral", "shared", 2, "qk", {"gate": "zero"}, False),
+        (
+            "llama",
+            "separate",
+            1,
+            "qk",
+            {"gate": "zero"},
+            False,
+        ),  # order 1: standard attention, no inner calls
     ]
 ]
 
