@@ -58,7 +58,6 @@ OPEN_R1_ONLY = {
 }
 
 UNSUPPORTED = {  # fields that parse but that this command does not implement
-    "use_peft": "PEFT/LoRA would freeze the base weights the baseline trains",
     "load_in_8bit": "quantised training is not supported",
     "load_in_4bit": "quantised training is not supported",
 }
@@ -445,6 +444,10 @@ def parse_recipe(
         )
 
     _check_steps(training)
+    if model.use_peft:  # the LoRA settings are checked now, not after the model is loaded
+        from .lora import base_lora_config
+
+        base_lora_config(model)
     if script.dataset_mixture:
         from .data import parse_mixture
 

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 RUN_RECORD = "nexus_train_run.json"  # {"complete": bool, "files": [the final files this run wrote]}
 RECORD_FORMAT = "nexus-retrofit-train/1"
 IDENTITY_KEYS = ("model_name_or_path", "model_revision", "dataset_name", "dataset_config", "dataset_mixture")
+IDENTITY_KEYS += ("use_peft",)  # a LoRA checkpoint holds adapters, not the weights a full run resumes
 
 
 @dataclass
@@ -67,6 +68,7 @@ def _resume_target(value: str | bool | None) -> str | bool | None:
 
 def _identity(recipe: Recipe) -> dict[str, Any]:
     values = {k: recipe.values.get(k) for k in IDENTITY_KEYS}
+    values["use_peft"] = bool(values["use_peft"])  # unset and false are the same run
     values["nexus"] = None if recipe.nexus is None else recipe.nexus.architecture()
     return values
 
@@ -82,6 +84,7 @@ def _previous_identity(folder: Path) -> dict[str, Any] | None:
     except yaml.YAMLError:
         return None
     values = {k: previous.get(k) for k in IDENTITY_KEYS}
+    values["use_peft"] = bool(values["use_peft"])
     values["nexus"] = previous.get("nexus")
     return values
 
@@ -574,11 +577,13 @@ def run_training(
 
 def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any] | None) -> TrainResult:
     from .data import load_datasets
+    from .lora import check_peft_engine, lora_config, merge_adapters
     from .trainer import NexusSFTTrainer
 
     parsed = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe, overrides)
     training = parsed.training
     _setup_logging(training)
+    check_peft_engine(training, parsed.model.use_peft)
     if "include_num_input_tokens_seen" not in parsed.values:
         training.include_num_input_tokens_seen = "non_padding"  # for tokens/s in the logs and the result
     plan = _on_main_then_share(training, lambda: plan_output_dir(parsed))
@@ -589,6 +594,7 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
     train_ds, eval_ds, data_format = load_datasets(parsed.script, training)
     tokenizer = load_tokenizer(parsed, conversational=data_format == "messages")
     model, settings = load_model(parsed)
+    peft_config = lora_config(parsed.model, model)
     nexus = None if parsed.nexus is None or settings is None else parsed.nexus.resolved(settings)
 
     out = Path(training.output_dir)
@@ -603,6 +609,7 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
+        peft_config=peft_config,
         inner_lr_multiplier=parsed.nexus.inner_lr_multiplier if nexus else 1.0,
         inner_only_steps=parsed.nexus.inner_only_steps if nexus else 0,
     )
@@ -620,6 +627,7 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
+    merge_adapters(trainer)  # use_peft: the run folder holds the merged model, not an adapter
     trainer.model.config.use_cache = True  # restore the KV cache for inference
     trainer.save_model(training.output_dir)
     if trainer.accelerator.is_main_process:

@@ -24,11 +24,10 @@ from trl import SFTTrainer
 
 from ..converter import is_nexus_parameter
 from ..modeling import NexusAttentionMixin
+from .lora import GATE_MARKER, is_peft_model, load_gates, save_gates, unfreeze_gates
 from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
-
-GATE_MARKER = ".self_attn.gates."
 
 
 def nexus_param_groups(
@@ -110,7 +109,11 @@ def path_strength(model: nn.Module) -> dict[str, float]:
 
 
 def gate_statistics(model: nn.Module) -> dict[str, float]:
-    """Mean and max of |f(g)| over every gate value (gate_fn applied), for the logs."""
+    """Mean and max of |f(g)| over every gate value (gate_fn applied), for the logs.
+
+    Under FSDP a rank holds a shard of each gate, possibly an empty one, so the sums, counts and maxima
+    are reduced over the processes (every process logs); replicas (DDP) give the same mean and max.
+    """
     gates = [
         a.gate_values(p).detach().float().flatten()
         for a in nexus_attentions(model)
@@ -119,9 +122,16 @@ def gate_statistics(model: nn.Module) -> dict[str, float]:
     if not gates:
         return {}
     flat = torch.cat(gates).abs()
+    totals = torch.tensor([flat.sum().item(), flat.numel()], dtype=torch.float64, device=flat.device)
+    peak = torch.tensor([flat.max().item() if flat.numel() else 0.0], dtype=torch.float64, device=flat.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    if totals[1] == 0:
+        return {}
     return {
-        "nexus_gate_abs_mean": round(flat.mean().item(), 6),
-        "nexus_gate_abs_max": round(flat.max().item(), 6),
+        "nexus_gate_abs_mean": round((totals[0] / totals[1]).item(), 6),
+        "nexus_gate_abs_max": round(peak.item(), 6),
     }
 
 
@@ -187,6 +197,8 @@ class NexusSFTTrainer(SFTTrainer):
         self._path_strength: dict[str, float] = {}
         callbacks = list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=[*callbacks, NexusPhaseCallback(inner_only_steps)], **kwargs)
+        if is_peft_model(self.model):  # with peft_config: PEFT froze the gates, which train in full (lora.py)
+            unfreeze_gates(self.model)
         self.nexus_groups = any(is_nexus_parameter(n) for n, _ in self.model.named_parameters())
         if not self.nexus_groups and (inner_lr_multiplier != 1.0 or inner_only_steps):
             raise RecipeError(
@@ -196,6 +208,18 @@ class NexusSFTTrainer(SFTTrainer):
         self.gate_lr_multiplier = (
             gate_lr_multiplier if gate_lr_multiplier is not None else model_gate_lr_multiplier(self.model)
         )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and is_peft_model(self.model):  # the adapter file leaves the gates out
+            save_gates(self.model, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.model if model is None else model
+        if is_peft_model(target):  # PEFT reloaded the adapter; the gates come from their own file
+            load_gates(target, resume_from_checkpoint)
+            unfreeze_gates(target)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is not None or not self.nexus_groups:
