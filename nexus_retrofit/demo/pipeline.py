@@ -55,6 +55,10 @@ class ModelRow:
     train_seconds: float | None = None
     train_tokens_per_second: float | None = None
     final_loss: float | None = None
+    # Nexus only: ||f(g_p) Inner_p(X)|| / ||X|| per refined projection p (mean over layers) and mean
+    # |f(g)|, as the trainer logged them on the last logging step: how much signal the new path carries.
+    nexus_path: dict[str, float] | None = None
+    gate_abs_mean: float | None = None
 
 
 def _prepare_data(out: Path, limit: int | None) -> dict[str, Path]:
@@ -131,13 +135,63 @@ def _train(name: str, model_path: Path, data: Path, out: Path, max_steps: int) -
     console.rule(f"[bold]SFT: {name}")
     result = run_training(recipe)
     losses = result.losses
+    path, gate = _path_strength(result.log_history)
     return ModelRow(
         name=name,
         path=str(result.output_dir),
         train_seconds=result.train_runtime,
         train_tokens_per_second=result.tokens_per_second,
         final_loss=losses[-1][1] if losses else None,
+        nexus_path=path,
+        gate_abs_mean=gate,
     ), losses
+
+
+def _path_strength(log_history: list[dict[str, Any]]) -> tuple[dict[str, float] | None, float | None]:
+    """The last logged path strength per projection and mean |f(g)| (None, None for a plain model)."""
+    logged = [e for e in log_history if any(k.startswith("nexus_path_") for k in e)]
+    if not logged:
+        return None, None
+    last = logged[-1]
+    path = {k.removeprefix("nexus_path_"): float(v) for k, v in last.items() if k.startswith("nexus_path_")}
+    return path, last.get("nexus_gate_abs_mean")
+
+
+def _compare_outputs(out: Path, base: str, other: str) -> dict[str, dict[str, Any]]:
+    """Per task: how many greedy completions of `other` differ from `base`'s, and the paired accuracy
+    difference with its standard error (from the eval harness's samples files)."""
+    from ..evaluation.runner import read_samples, samples_path
+    from .scoring import paired_comparison
+
+    comparison = {}
+    for task in LEVEL_TASKS.values():
+        sides = [
+            read_samples(samples_path(out / "eval" / name, task), 1, repair=False) for name in (base, other)
+        ]
+        common = sorted(set(sides[0]) & set(sides[1]))
+        comparison[task] = paired_comparison(
+            [sides[0][i][0] for i in common], [sides[1][i][0] for i in common]
+        )
+    return comparison
+
+
+def _findings(nexus: ModelRow, comparison: dict[str, dict[str, Any]]) -> list[str]:
+    """The summary's plain answer: does the Nexus path carry signal, do outputs differ, is it better."""
+    lines = []
+    if nexus.nexus_path:
+        per = ", ".join(f"{p} {100 * v:.2f}%" for p, v in nexus.nexus_path.items())
+        gate = "–" if nexus.gate_abs_mean is None else f"{nexus.gate_abs_mean:.4f}"
+        lines.append(
+            f"- Nexus path strength after SFT (||f(g) Inner_p(X)|| / ||X||, mean over layers): {per}; "
+            f"mean |f(g)| {gate}."
+        )
+    for task, c in comparison.items():
+        lines.append(
+            f"- {task}: greedy completions differ from the baseline's on {c['differ']} of {c['n']} problems; "
+            f"accuracy nexus − baseline {100 * c['difference']:+.1f} ± {100 * c['difference_stderr']:.1f} points "
+            f"(paired standard error): {c['verdict']}."
+        )
+    return lines
 
 
 def _evaluate(row: ModelRow, out: Path) -> None:
@@ -236,6 +290,10 @@ def _run_demo(output_dir: Path, max_steps: int, eval_limit: int | None) -> Path:
     rows = [pretrained, baseline, nexus]
     for row in rows:
         _evaluate(row, output_dir)
+    comparison = _compare_outputs(output_dir, baseline.name, nexus.name)
+    findings = _findings(nexus, comparison)
+    for line in findings:
+        console.print(line)
 
     _plot(
         {"baseline SFT": baseline_losses, "Nexus SFT (separate, QK, order 2)": nexus_losses},
@@ -252,6 +310,10 @@ def _run_demo(output_dir: Path, max_steps: int, eval_limit: int | None) -> Path:
         "",
         table,
         "",
+        "Nexus vs baseline:",
+        "",
+        *findings,
+        "",
         f"Loss curves: loss_curves.png. Total time: {elapsed / 60:.1f} min.",
         "",
     ]
@@ -264,6 +326,7 @@ def _run_demo(output_dir: Path, max_steps: int, eval_limit: int | None) -> Path:
                 "recipe": {**RECIPE, "max_steps": max_steps},
                 "conversion_max_logit_diff": diff,
                 "rows": [asdict(r) for r in rows],
+                "nexus_vs_baseline": comparison,
                 "curves": {"baseline": baseline_losses, "nexus": nexus_losses},
                 "seconds": elapsed,
             },

@@ -64,3 +64,36 @@ def greedy_accuracy(model, tokenizer, rows: Sequence[dict], batch_size: int = 10
         raise ValueError("no rows to score")
     completions = greedy_completions(model, tokenizer, [r["problem"] for r in rows], batch_size)
     return sum(is_correct(c, r["answer"]) for c, r in zip(completions, rows)) / len(rows)
+
+
+def paired_comparison(base: Sequence[dict], other: Sequence[dict]) -> dict[str, float | int | str]:
+    """Compare two models' graded greedy samples on the same problems (eval harness records).
+
+    Returns the number of problems, how many completions differ, both accuracies, the accuracy
+    difference (other - base) and its paired standard error (both models answer the same problems,
+    so the per-problem difference has a much smaller spread than the two binomial errors combined),
+    and a verdict: "better"/"worse" when the difference exceeds 2 standard errors, "same" when no
+    answer changed correctness, else "no significant difference".
+    """
+    if len(base) != len(other) or not base:
+        raise ValueError(f"need the same non-empty problems on both sides, got {len(base)} and {len(other)}")
+    n = len(base)
+    deltas = [int(bool(o["correct"])) - int(bool(b["correct"])) for b, o in zip(base, other)]
+    mean = sum(deltas) / n
+    var = sum((d - mean) ** 2 for d in deltas) / (n - 1) if n > 1 else 0.0
+    stderr = (var / n) ** 0.5
+    if not any(deltas):
+        verdict = "same"
+    elif abs(mean) > 2 * stderr:
+        verdict = "better" if mean > 0 else "worse"
+    else:
+        verdict = "no significant difference"
+    return {
+        "n": n,
+        "differ": sum(b["completion"] != o["completion"] for b, o in zip(base, other)),
+        "accuracy_base": sum(bool(b["correct"]) for b in base) / n,
+        "accuracy_other": sum(bool(o["correct"]) for o in other) / n,
+        "difference": mean,
+        "difference_stderr": stderr,
+        "verdict": verdict,
+    }

@@ -27,6 +27,17 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "zero-all-lr100": {"gate": "zero", "inner_init": "random", "inner_lr_multiplier": 100.0},
     "open-zero_out": {"gate": "open", "inner_init": "zero_out", "gate_lr_multiplier": 1.0},
     "open-zero_out-lr10": {"gate": "open", "inner_init": "zero_out", "inner_lr_multiplier": 10.0},
+    # Inner modules only (the gates keep their own x1 group): a multiplier on every new parameter, gates
+    # included, made the path explode in the issue's 1-layer study.
+    **{
+        f"open-zero_out-inner{m}": {
+            "gate": "open",
+            "inner_init": "zero_out",
+            "inner_lr_multiplier": float(m),
+            "gate_lr_multiplier": 1.0,
+        }
+        for m in (3, 10, 30)
+    },
     "open-random": {"gate": "open", "inner_init": "random", "gate_lr_multiplier": 1.0},
     "zero-scalar-lr100": {
         "gate": "zero",
@@ -114,6 +125,11 @@ def run_arm(
     correct = [is_correct(c, r["answer"]) for c, r in zip(completions, rows)]
     levels = sorted({int(r["level"]) for r in rows})
     last = logged[-1] if logged else {}
+    accuracy = {
+        lv: sum(c for c, r in zip(correct, rows) if int(r["level"]) == lv)
+        / sum(int(r["level"]) == lv for r in rows)
+        for lv in levels
+    }
     return {
         "arm": name,
         "nexus": result.nexus,
@@ -121,14 +137,19 @@ def run_arm(
         "path": {k[len("nexus_path_") :]: v for k, v in last.items() if k.startswith("nexus_path_")},
         "path_curve": [(e["step"], e.get("nexus_path_q"), e.get("nexus_path_k")) for e in logged],
         "gate_abs_mean": last.get("nexus_gate_abs_mean"),
-        "accuracy": {
-            lv: sum(c for c, r in zip(correct, rows) if int(r["level"]) == lv)
-            / sum(int(r["level"]) == lv for r in rows)
-            for lv in levels
+        "accuracy": accuracy,
+        "stderr": {
+            lv: binomial_stderr(accuracy[lv], sum(int(r["level"]) == lv for r in rows)) for lv in levels
         },
+        "correct": correct,
         "completions": completions,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def binomial_stderr(p: float, n: int) -> float:
+    """Standard error of a pass rate p measured on n independent problems."""
+    return (p * (1 - p) / n) ** 0.5 if n else float("nan")
 
 
 def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,21 +159,24 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if base is not None:
             pairs = list(zip(r["completions"], base["completions"]))
             r["differ_from_baseline"] = sum(a != b for a, b in pairs) / len(pairs)
+            r["differ_count"] = sum(a != b for a, b in pairs)
     return results
 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| arm | path q | path k | mean abs f(g) | final loss | acc 1-step | acc 2-step | differ from baseline | s |",
+        "| arm | path q | path k | mean abs f(g) | final loss | acc 1-step | acc 2-step | differ from baseline "
+        "| s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        acc = r["accuracy"]
+        acc, err = r["accuracy"], r.get("stderr", {})
         path = r["path"]
         lines.append(
             f"| {r['arm']} | {path.get('q', '-') if path else '-'} | {path.get('k', '-') if path else '-'} | "
             f"{r['gate_abs_mean'] if r['gate_abs_mean'] is not None else '-'} | {r['final_loss']:.4f} | "
-            f"{acc.get(1, 0):.3f} | {acc.get(2, 0):.3f} | {r.get('differ_from_baseline', 0):.3f} | {r['seconds']} |"
+            f"{acc.get(1, 0):.3f} ± {err.get(1, 0):.3f} | {acc.get(2, 0):.3f} ± {err.get(2, 0):.3f} | "
+            f"{r.get('differ_count', 0)} ({r.get('differ_from_baseline', 0):.3f}) | {r['seconds']} |"
         )
     return "\n".join(lines)
 
@@ -173,11 +197,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in args.arms:
             results.append(run_arm(name, ARMS[name], args.steps, rows, Path(tmp)))
             print(f"{name}: path {results[-1]['path']} acc {results[-1]['accuracy']}", flush=True)
+            if args.json:  # after every arm: a long run killed midway keeps what it measured
+                _write(args.json, compare(results))
     compare(results)
     print(table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        _write(args.json, results)
+
+
+def _write(path: Path, results: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
