@@ -7,25 +7,28 @@ generation, gradient checkpointing and attention dispatch (eager / sdpa / flash)
 This file is copied into every converted checkpoint (`auto_map`): it imports only torch,
 transformers and its sibling configuration_nexus.py.
 
-Notation (DESIGN.md section 1): X is the layer input after the input norm, P the refined
-projections, m the order. Level l = 1 .. m-1 computes the inner attentions; the outer (level m)
-attention is the layer's own, fed with the refined inputs of level m-1:
+Notation (docs/DESIGN.md §1): X is the layer input after the input norm, P the refined projections,
+m the order, f the gate function. Levels l = 1 .. m-1 compute the inner attentions; the outer (level
+m) attention is the layer's own, fed with the refined inputs of level m-1:
 
     X_p^(0) = X
-    X_p^(l) = X + g_p * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1))     (Eq. 10-11, gated residual)
+    X_p^(l) = X + f(g_p) * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1))     (Eq. 10-11, gated residual)
     O       = Attn(X_q^(m-1), X_k^(m-1), X_v^(m-1))
 
-All inner attentions of one level see the same inputs, so the paper's 2^m - 1 calls (Eq. 13)
-collapse to 1 + |P|(m-1) distinct calls; the |P| calls of one level are fused into a single kernel
-call by stacking their heads, and each level owns one KV-cache slot. Within a level, projections of
-one input are one matmul and RoPE runs once over stacked q+k heads (`_Projector`): decoding time is
-mostly kernel launches, and this keeps a Nexus layer to 1.2-1.3x the base layer's launches at
-order 2 (`nexus-retrofit bench counts`).
+`forward` reads in that order: refine the inputs level by level (`_refined_heads`; `self` reading:
+`_self_refined_heads`, Eq. 7-8), project, rotate, cache, attend, and each level's inner output goes
+through the gate (`_gated`). All inner attentions of one level read the same inputs, so the paper's
+2^m - 1 calls (Eq. 13) collapse to 1 + |P|(m-1) distinct calls; the |P| calls of a level are one
+kernel call over stacked heads with one KV-cache slot per level. Level 1 reads X everywhere, so its
+q/k/v are one matmul (`project_all`), and the projections of X made there serve every later level.
+Decoding time is mostly kernel launches: this keeps a Nexus layer to 1.2-1.3x the base layer's
+launches at order 2 (`nexus-retrofit bench counts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 # configuration_nexus first: it refuses a transformers older than the tested range in one line,
 # before an import below could fail with a less helpful error.
@@ -76,14 +79,23 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x * cos) + (_rotate_half(x) * sin)
 
 
-def _is_plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear whose forward is exactly `linear(x, weight, bias)`: safe to fuse with others."""
+def _fusable(linear: nn.Module) -> bool:
+    """A plain nn.Linear whose full weight is in hand: safe to concatenate with others into one matmul.
+
+    Anything else keeps its own call: a PEFT/LoRA wrapper or a hooked module (its forward is not
+    `linear(x, W, b)`; DeepSpeed ZeRO-3 gathers weights in such hooks), a weight that ZeRO-3
+    partitioned (`ds_id`) or that FSDP flattened (not shaped (out, in)): outside the module's own
+    forward, their data is not the weight.
+    """
+    weight = linear.weight
     return (
-        type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
+        type(linear) is nn.Linear
+        and not linear._forward_hooks
+        and not linear._forward_pre_hooks
         and not nn.modules.module._global_forward_hooks
         and not nn.modules.module._global_forward_pre_hooks
+        and not hasattr(weight, "ds_id")
+        and tuple(weight.shape) == (linear.out_features, linear.in_features)
     )
 
 
@@ -104,81 +116,59 @@ class _KernelView:
         return getattr(self._module, name)
 
 
-class _Projector:
-    """Q/K/V heads of one layer's forward pass: `heads(modules, p, x)` is the p-projection of every
-    module in `modules` on input x, as heads (B, n, |modules| * h, d) stacked in module order,
-    pre-RoPE (Qwen3's per-head norm applied).
+@dataclass
+class _Heads:
+    """The q, k and v of one attention call as heads (B, n, heads, d), before RoPE. For stacked
+    modules, block i of the head axis is module i. `qk_view` is q and k stacked on the head axis when
+    that is a free view of one matmul's output (RoPE then runs once over both)."""
 
-    Memoised for the forward pass: an unrefined projection reads the same X at every level (V for
-    QK, and the `shared` outer V, which is its level-1 inner V), so it is computed once. When q, k
-    and v all read one X (level 1), every projection of every module is one matmul on the
-    concatenated weights, laid out [q of each module | k ... | v ...] so each block, and the q+k
-    block that RoPE reads, is a view: one kernel instead of 3|P| linears and their concatenations,
-    and decoding time is made of kernels. The weights are concatenated per call (no second copy is
-    kept), and only plain nn.Linear projections are fused (a PEFT/LoRA-wrapped or hooked projection
-    keeps its own call).
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    qk_view: torch.Tensor | None = None
+
+    def qk(self) -> torch.Tensor:
+        return self.qk_view if self.qk_view is not None else torch.cat([self.q, self.k], dim=2)
+
+
+def _as_heads(y: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return y.view(*y.shape[:-1], -1, head_dim)
+
+
+def _qk_normed(modules: list[nn.Module], p: str, heads: torch.Tensor) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm on q and k, each module's own on its block of heads."""
+    if p == "v" or not hasattr(modules[0], "q_norm"):
+        return heads
+    blocks = heads.chunk(len(modules), dim=2)
+    return torch.cat([getattr(m, f"{p}_norm")(b) for m, b in zip(modules, blocks)], dim=2)
+
+
+def project(modules: list[nn.Module], p: str, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The p-projection of every module in `modules` on x: heads stacked in module order."""
+    blocks = [_as_heads(getattr(m, f"{p}_proj")(x), head_dim) for m in modules]
+    return _qk_normed(modules, p, blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2))
+
+
+def project_all(modules: list[nn.Module], x: torch.Tensor, head_dim: int) -> _Heads:
+    """q, k and v of every module in `modules` on one input x.
+
+    With plain Linears this is one matmul on the weights concatenated as [q of each module | k ... |
+    v ...] (nanoGPT's fused c_attn, across modules), so every block, and the q+k block that RoPE
+    reads, is a view: one kernel where decoding would launch 3|modules| linears and their
+    concatenations. The weights are concatenated per call: no second copy is kept.
     """
-
-    def __init__(self, head_dim: int):
-        self.head_dim = head_dim
-        self.memo: dict[tuple, torch.Tensor] = {}  # keyed by (module ids, p, id(input))
-        self.inputs: list[torch.Tensor] = []  # keeps every keyed input alive, so no id is reused
-
-    @staticmethod
-    def _key(modules: list[nn.Module], p: str, x: torch.Tensor) -> tuple:
-        return (tuple(map(id, modules)), p, id(x))
-
-    def _store(self, modules: list[nn.Module], p: str, x: torch.Tensor, heads: torch.Tensor) -> None:
-        self.inputs.append(x)
-        self.memo[self._key(modules, p, x)] = heads
-
-    def _as_heads(self, y: torch.Tensor) -> torch.Tensor:
-        return y.view(*y.shape[:-1], -1, self.head_dim)
-
-    def _normed(self, modules: list[nn.Module], p: str, block: torch.Tensor) -> torch.Tensor:
-        if p == "v" or not hasattr(modules[0], "q_norm"):
-            return block
-        parts = block.chunk(len(modules), dim=2)  # Qwen3: each module's own RMSNorm per head
-        return torch.cat([getattr(m, f"{p}_norm")(part) for m, part in zip(modules, parts)], dim=2)
-
-    def _fuse(self, modules: list[nn.Module], x: torch.Tensor) -> bool:
-        linears = [getattr(m, f"{p}_proj") for p in "qkv" for m in modules]
-        has_bias = {lin.bias is not None for lin in linears}
-        if not all(map(_is_plain_linear, linears)) or len(has_bias) > 1:
-            return False
-        weight = torch.cat([lin.weight for lin in linears])
-        bias = torch.cat([lin.bias for lin in linears]) if has_bias == {True} else None
-        y = nn.functional.linear(x, weight, bias)  # (B, n, sum of out_features)
-        k = len(modules)
-        widths = [sum(lin.out_features for lin in linears[i * k : (i + 1) * k]) for i in range(3)]
-        q, kk, v = y.split(widths, dim=-1)
-        for p, block in zip("qkv", (q, kk, v)):
-            self._store(modules, p, x, self._normed(modules, p, self._as_heads(block)))
-        if not hasattr(modules[0], "q_norm"):
-            self._store(modules, "qk", x, self._as_heads(y[..., : widths[0] + widths[1]]))
-        return True
-
-    def heads(
-        self, modules: list[nn.Module], p: str, x: torch.Tensor, same_input: bool = False
-    ) -> torch.Tensor:
-        """p-heads of `modules` on x; `same_input`: q, k and v of this call all read x (fusable)."""
-        key = self._key(modules, p, x)
-        if key not in self.memo and not (same_input and self._fuse(modules, x)):
-            parts = [self._as_heads(getattr(m, f"{p}_proj")(x)) for m in modules]
-            block = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-            self._store(modules, p, x, self._normed(modules, p, block))
-        return self.memo[key]
-
-    def qkv_heads(self, modules: list[nn.Module], inputs: dict[str, torch.Tensor]):
-        """Query and key heads stacked (B, n, Hq + Hk, d) (a view when fused), the query head count,
-        and the value heads, of `modules` on the inputs {p: X_p}."""
-        xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
-        same_input = xq is xk is xv
-        q = self.heads(modules, "q", xq, same_input)
-        joint = self.memo.get(self._key(modules, "qk", xq)) if xq is xk else None
-        if joint is None:
-            joint = torch.cat([q, self.heads(modules, "k", xk, same_input)], dim=2)
-        return joint, q.shape[2], self.heads(modules, "v", xv, same_input)
+    linears = [getattr(m, f"{p}_proj") for p in "qkv" for m in modules]
+    with_bias = {lin.bias is not None for lin in linears}
+    if not all(map(_fusable, linears)) or len(with_bias) > 1:
+        return _Heads(*(project(modules, p, x, head_dim) for p in "qkv"))
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if with_bias == {True} else None
+    y = nn.functional.linear(x, weight, bias)  # (B, n, sum of out_features)
+    n = len(modules)
+    widths = [sum(lin.out_features for lin in linears[i * n : (i + 1) * n]) for i in range(3)]
+    q, k, v = (_qk_normed(modules, p, _as_heads(b, head_dim)) for p, b in zip("qkv", y.split(widths, dim=-1)))
+    normed = hasattr(modules[0], "q_norm")  # normed blocks are new tensors: no joint view
+    return _Heads(q, k, v, None if normed else _as_heads(y[..., : widths[0] + widths[1]], head_dim))
 
 
 def _version_error(what: str) -> RuntimeError:
@@ -270,13 +260,13 @@ class NexusAttentionMixin:
                 )
         return cache.update(key, value, slot)
 
-    def _attend(self, q, k, v, attention_mask, past_key_values, slot: int, groups: int, **kwargs):
+    def _attend(self, q, k, v, attention_mask, cache, slot: int, groups: int, **kwargs):
         """One attention kernel call through transformers' dispatch on (B, heads, n, d); returns (B, n, heads, d)."""
-        if past_key_values is not None:
+        if cache is not None:
             if slot == self.layer_idx:
-                k, v = past_key_values.update(k, v, slot)
+                k, v = cache.update(k, v, slot)
             else:
-                k, v = self._cache_update(past_key_values, k, v, slot)
+                k, v = self._cache_update(cache, k, v, slot)
         module = self if slot == self.layer_idx else _KernelView(self, groups, slot)
         out, weights = self._attention_interface()(
             module,
@@ -331,61 +321,117 @@ class NexusAttentionMixin:
         z = _rope(qk.transpose(1, 2), cos, sin)
         return z[:, :q_heads], z[:, q_heads:]
 
-    # ------------------------------------------------------------------------- inner attention
-    def _refine_inputs(self, x, inputs, level, project, cos, sin, attention_mask, past_key_values, **kwargs):
-        """One level of `separate`/`shared`: new refined inputs {p: X_p^(level)} from inputs^(level-1)."""
-        if self.nexus.inner == "shared":
-            modules = [self]  # Eq. 12: the layer's own attention; one pass serves every projection
+    def _per_head_gates(self) -> bool:
+        return self.nexus.gate != "none" and self.nexus.gate_shape == "head"
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = self._checked_cache(
+            hidden_states, attention_mask, {"cache": cache, "past_key_values": past_key_values}, kwargs
+        )
+        x = hidden_states  # (B, n, hidden), after the input norm
+        cos, sin = position_embeddings
+        if self.nexus.levels == 0:  # order 1: the base layer's own attention
+            heads = project_all([self], x, self.head_dim)
+        elif self.nexus.inner == "self":
+            heads = self._self_refined_heads(x, cos, sin, attention_mask, cache, **kwargs)  # Eq. 7-8
         else:
-            modules = [self.inner[p] for p in self.nexus.projections]
-        # Fuse the |P| independent attentions of this level by stacking heads: with the same GQA
-        # grouping inside each block, head i of block b still reads KV head b*Hkv + i // groups.
-        qk, q_heads, v = project.qkv_heads(modules, inputs)
-        q, k = self._rope_qk(qk, q_heads, cos, sin)
-        v = v.transpose(1, 2)
+            heads = self._refined_heads(x, cos, sin, attention_mask, cache, **kwargs)  # Eq. 10-11
+        # Outer attention (level m): exactly the base layer's computation on the refined heads.
+        q, k = self._rope_qk(heads.qk(), heads.q.shape[2], cos, sin)
+        out, weights = self._attend(
+            q,
+            k,
+            heads.v.transpose(1, 2),
+            attention_mask,
+            cache,
+            self.layer_idx,
+            self.num_key_value_groups,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(*x.shape[:-1], -1).contiguous()), weights
+
+    # ---------------------------------------------------------------- separate / shared (Eq. 10-12)
+    def _refined_heads(self, x, cos, sin, attention_mask, cache, **kwargs) -> _Heads:
+        """The outer attention's q/k/v heads, on the inputs refined level by level:
+
+        X_p^(0) = X,   X_p^(l) = X + f(g_p) * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1)),   l = 1 .. m-1
+        """
+        shared = self.nexus.inner == "shared"
+        inner = [self] if shared else [self.inner[p] for p in self.nexus.projections]  # Eq. 12 / Sec. 4.4
+        # Level 1 reads X everywhere: all q/k/v of the level in one matmul. These projections of X
+        # hold at every level, so an unrefined one (V for QK) is taken from here, never recomputed.
+        on_x = project_all(inner, x, self.head_dim)
+        inputs = {p: x for p in "qkv"}  # X_p^(0)
+        for level in range(1, self.nexus.order):
+            heads = on_x if level == 1 else self._heads_on(inner, inputs, x, on_x)
+            inner_out = self._inner_attention(inner, heads, level, cos, sin, attention_mask, cache, **kwargs)
+            inputs = {**inputs, **{p: self._gated(x, inner_out[p], p) for p in self.nexus.projections}}
+        # shared: the layer's own projections of X were made at level 1 (its outer V is its inner V)
+        return self._heads_on([self], inputs, x, on_x if shared else None)
+
+    def _heads_on(
+        self, modules: list[nn.Module], inputs: dict[str, torch.Tensor], x: torch.Tensor, on_x: _Heads | None
+    ) -> _Heads:
+        """q/k/v heads of `modules` on the inputs {p: X_p}; a projection of X itself comes from `on_x`."""
+
+        def heads(p: str) -> torch.Tensor:
+            if on_x is not None and inputs[p] is x:
+                return getattr(on_x, p)
+            return project(modules, p, inputs[p], self.head_dim)
+
+        return _Heads(heads("q"), heads("k"), heads("v"))
+
+    def _inner_attention(self, modules, heads: _Heads, level: int, cos, sin, attention_mask, cache, **kwargs):
+        """{p: Inner_p(...)} (B, n, hidden) at one level: the |P| attentions as one kernel call over
+        stacked heads (inside each block the GQA grouping is the layer's, so head i of block b reads
+        KV head b*Hkv + i // groups), in the level's own cache slot; then each module's o_proj."""
+        q, k = self._rope_qk(heads.qk(), heads.q.shape[2], cos, sin)
         out, _ = self._attend(
             q,
             k,
-            v,
+            heads.v.transpose(1, 2),
             attention_mask,
-            past_key_values,
+            cache,
             self._cache_slot(level),
             self.num_key_value_groups,
             **kwargs,
         )
-        out = out.view(*x.shape[:-1], len(modules), -1)  # (B, n, modules, H*d): no copy per module
-        if self.nexus.inner == "shared" and not (
-            self.nexus.gate_shape == "head" and self.nexus.gate != "none"
-        ):
-            ys = [self.o_proj(out[..., 0, :])] * len(self.nexus.projections)  # one pass serves every p
-        else:
-            owners = modules * len(self.nexus.projections) if self.nexus.inner == "shared" else modules
-            ys = [
-                self._inner_output(m, out[..., i % len(modules), :], p)
-                for i, (m, p) in enumerate(zip(owners, self.nexus.projections))
-            ]
-        refined = dict(inputs)
-        for p, y in zip(self.nexus.projections, ys):
-            refined[p] = self._gated(x, y, p)
-        return refined
+        out = out.view(*out.shape[:2], len(modules), -1)  # (B, n, modules, H*d): a view per module
+        projections = self.nexus.projections
+        if self.nexus.inner == "shared" and not self._per_head_gates():
+            return dict.fromkeys(projections, self.o_proj(out[..., 0, :]))  # Eq. 12: one pass serves every p
+        owners = modules * len(projections) if self.nexus.inner == "shared" else modules
+        return {
+            p: self._inner_output(m, out[..., i % len(modules), :], p)
+            for i, (m, p) in enumerate(zip(owners, projections))
+        }
 
-    def _refine_heads(self, base, heads, level, cos, sin, attention_mask, past_key_values, **kwargs):
-        """One level of `self` (Eq. 7-8): P' = softmax(R(P) R(P)^T s + M) P per head, then gated.
+    # ------------------------------------------------------------------------------ self (Eq. 7-8)
+    def _self_refined_heads(self, x, cos, sin, attention_mask, cache, **kwargs) -> _Heads:
+        """The outer heads of the `self` reading: per head, P^(l) = P + f(g_p) * softmax(R(P^(l-1))
+        R(P^(l-1))^T s + M) P^(l-1), every refined projection's heads in one kernel call per level."""
+        on_x = project_all([self], x, self.head_dim)
+        base = {"q": on_x.q, "k": on_x.k, "v": on_x.v}
+        heads = base
+        for level in range(1, self.nexus.order):
+            ps = self.nexus.projections
+            z = torch.cat([heads[p] for p in ps], dim=2).transpose(1, 2)  # (B, H + Hkv [+ Hkv], n, d)
+            rz = _rope(z, cos, sin)
+            out, _ = self._attend(rz, rz, z, attention_mask, cache, self._cache_slot(level), 1, **kwargs)
+            refined = out.split([self._heads(p) for p in ps], dim=2)  # (B, n, heads_p, d) each
+            heads = {**heads, **{p: self._gated(base[p], o, p) for p, o in zip(ps, refined)}}
+        return _Heads(heads["q"], heads["k"], heads["v"])
 
-        Heads are (B, n, h, d), pre-RoPE; every refined projection's heads go in one kernel call.
-        """
-        ps = self.nexus.projections
-        z = torch.cat([heads[p] for p in ps], dim=2).transpose(1, 2)  # (B, H + Hkv [+ Hkv], n, d)
-        rz = _rope(z, cos, sin)
-        out, _ = self._attend(
-            rz, rz, z, attention_mask, past_key_values, self._cache_slot(level), 1, **kwargs
-        )  # (B, n, heads, d)
-        refined = dict(heads)
-        for p, o in zip(ps, out.split([self._heads(p) for p in ps], dim=2)):
-            refined[p] = self._gated(base[p], o, p)
-        return refined
-
-    # ------------------------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------------------------ cache
     def _checked_cache(
         self,
         hidden_states: torch.Tensor,
@@ -430,53 +476,6 @@ class NexusAttentionMixin:
             )
         return cache
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        past_key_values = self._checked_cache(
-            hidden_states, attention_mask, {"cache": cache, "past_key_values": past_key_values}, kwargs
-        )
-        x = hidden_states  # (B, n, hidden)
-        cos, sin = position_embeddings
-        levels = range(1, self.nexus.order)
-        project = _Projector(self.head_dim)
-        if self.nexus.inner == "self":
-            base = {p: project.heads([self], p, x, same_input=True) for p in "qkv"}  # (B, n, h, d)
-            heads = base
-            for level in levels:
-                heads = self._refine_heads(
-                    base, heads, level, cos, sin, attention_mask, past_key_values, **kwargs
-                )
-            q, k, v = heads["q"], heads["k"], heads["v"]
-            qk, q_heads = torch.cat([q, k], dim=2), q.shape[2]
-        else:
-            inputs = {"q": x, "k": x, "v": x}
-            for level in levels:
-                inputs = self._refine_inputs(
-                    x, inputs, level, project, cos, sin, attention_mask, past_key_values, **kwargs
-                )
-            qk, q_heads, v = project.qkv_heads([self], inputs)
-        # Outer attention: exactly the base layer's computation on the refined Q/K/V.
-        q, k = self._rope_qk(qk, q_heads, cos, sin)
-        out, weights = self._attend(
-            q,
-            k,
-            v.transpose(1, 2),
-            attention_mask,
-            past_key_values,
-            self.layer_idx,
-            self.num_key_value_groups,
-            **kwargs,
-        )
-        out = out.reshape(*x.shape[:-1], -1).contiguous()
-        return self.o_proj(out), weights
-
 
 class NexusQwen2Attention(NexusAttentionMixin, Qwen2Attention):
     base_attention_class = Qwen2Attention
@@ -495,14 +494,23 @@ class NexusQwen3Attention(NexusAttentionMixin, Qwen3Attention):
 
 
 # ----------------------------------------------------------------------------------- models
-def _install_nexus_attention(layers: nn.ModuleList, config, attention_class: type[nn.Module]) -> None:
-    for i, layer in enumerate(layers):
-        layer.self_attn = attention_class(config, i)
+class _NexusModelMixin:
+    """The family's model with each decoder layer's attention replaced by its Nexus attention.
 
+    Subclass, don't fork: the family's __init__ builds its own decoder layers, so the attention is
+    swapped right after it, and post_init runs again, initialising only the new modules (transformers
+    skips modules it has already initialised). Then gates and a zero_out o_proj get their start values.
+    """
 
-class _NexusPreTrainedMixin:
-    """On top of the family's init: gates at their start value (0, or 1 for gate="open") and, with
-    inner_init="zero_out", the inner o_proj at 0 (the function-preserving retrofit)."""
+    nexus_attention_class: type[nn.Module]
+
+    def __init__(self, config):
+        super().__init__(config)
+        decoder = getattr(self, "model", self)  # *ForCausalLM holds the decoder as .model
+        for i, layer in enumerate(decoder.layers):
+            layer.self_attn = self.nexus_attention_class(config, i)
+        self.post_init()
+        _start_nexus_parameters(self)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -531,84 +539,44 @@ def init_nexus_parameters(attention: NexusAttentionMixin) -> None:
                 init.zeros_(inner.o_proj.bias)
 
 
-class NexusQwen2Model(_NexusPreTrainedMixin, Qwen2Model):
+class NexusQwen2Model(_NexusModelMixin, Qwen2Model):
     config_class = NexusQwen2Config
-
-    def __init__(self, config: NexusQwen2Config):
-        super().__init__(config)
-        _install_nexus_attention(self.layers, config, NexusQwen2Attention)
-        self.post_init()
-        _start_nexus_parameters(self)
+    nexus_attention_class = NexusQwen2Attention
 
 
-class NexusQwen2ForCausalLM(_NexusPreTrainedMixin, Qwen2ForCausalLM):
+class NexusQwen2ForCausalLM(_NexusModelMixin, Qwen2ForCausalLM):
     config_class = NexusQwen2Config
-
-    def __init__(self, config: NexusQwen2Config):
-        super().__init__(config)
-        _install_nexus_attention(self.model.layers, config, NexusQwen2Attention)
-        self.post_init()
-        _start_nexus_parameters(self)
+    nexus_attention_class = NexusQwen2Attention
 
 
-class NexusLlamaModel(_NexusPreTrainedMixin, LlamaModel):
+class NexusLlamaModel(_NexusModelMixin, LlamaModel):
     config_class = NexusLlamaConfig
-
-    def __init__(self, config: NexusLlamaConfig):
-        super().__init__(config)
-        _install_nexus_attention(self.layers, config, NexusLlamaAttention)
-        self.post_init()
-        _start_nexus_parameters(self)
+    nexus_attention_class = NexusLlamaAttention
 
 
-class NexusLlamaForCausalLM(_NexusPreTrainedMixin, LlamaForCausalLM):
+class NexusLlamaForCausalLM(_NexusModelMixin, LlamaForCausalLM):
     config_class = NexusLlamaConfig
-
-    def __init__(self, config: NexusLlamaConfig):
-        super().__init__(config)
-        _install_nexus_attention(self.model.layers, config, NexusLlamaAttention)
-        self.post_init()
-        _start_nexus_parameters(self)
+    nexus_attention_class = NexusLlamaAttention
 
 
-class NexusMistralModel(_NexusPreTrainedMixin, MistralModel):
+class NexusMistralModel(_NexusModelMixin, MistralModel):
     config_class = NexusMistralConfig
-
-    def __init__(self, config: NexusMistralConfig):
-        super().__init__(config)
-        _install_nexus_attention(self.layers, config, NexusMistralAttention)
-        self.post_init()
-        _start_nexus_parameters(self)
+    nexus_attention_class = NexusMistralAttention
 
 
-class NexusMistralForCausalLM(_NexusPreTrainedMixin, MistralForCausalLM):
+class NexusMistralForCausalLM(_NexusModelMixin, MistralForCausalLM):
     config_class = NexusMistralConfig
-
-    def __init__(self, config: NexusMistralConfig):
-        super().__init__(config)
-        _install_nexus_attention(self.model.layers, config, NexusMistralAttention)
-        self.post_init()
-        _start_nexus_parameters(self)
+    nexus_attention_class = NexusMistralAttention
 
 
-class NexusQwen3Model(_NexusPreTrainedMixin, Qwen3Model):
+class NexusQwen3Model(_NexusModelMixin, Qwen3Model):
     config_class = NexusQwen3Config
-
-    def __init__(self, config: NexusQwen3Config):
-        super().__init__(config)
-        _install_nexus_attention(self.layers, config, NexusQwen3Attention)
-        self.post_init()
-        _start_nexus_parameters(self)
+    nexus_attention_class = NexusQwen3Attention
 
 
-class NexusQwen3ForCausalLM(_NexusPreTrainedMixin, Qwen3ForCausalLM):
+class NexusQwen3ForCausalLM(_NexusModelMixin, Qwen3ForCausalLM):
     config_class = NexusQwen3Config
-
-    def __init__(self, config: NexusQwen3Config):
-        super().__init__(config)
-        _install_nexus_attention(self.model.layers, config, NexusQwen3Attention)
-        self.post_init()
-        _start_nexus_parameters(self)
+    nexus_attention_class = NexusQwen3Attention
 
 
 # save_pretrained copies this file (and configuration_nexus.py, which it imports) next to the weights.
