@@ -2,7 +2,8 @@
 
 * `expressivity`: Theorem 3.1 (linear bottleneck of attention) made concrete, with a token-wise
   nonlinear control that tells context mixing from mere nonlinearity.
-* `multihop`: two-hop pointer chasing in one layer (the reasoning claim), parameter-matched.
+* `multihop`: two-hop pointer chasing in one layer (the reasoning claim), parameter-matched, per task format.
+* `retrofit`: pretrain standard -> convert -> fine-tune per retrofit mechanic, with its positive control.
 * `ablation`: Table 2 in miniature on the embedded tiny model (TRL SFT through `nexus-retrofit train`).
 
 Each experiment module exposes `run(output_dir, quick=False, seeds=None, threads=1) -> ExperimentOutput`
@@ -21,6 +22,7 @@ EXPERIMENTS: dict[str, str] = {
     "expressivity": "expressivity",
     "multihop": "multihop",
     "ablation": "ablation",
+    "retrofit": "retrofit",
 }
 
 

@@ -2,18 +2,26 @@
 
 Task (pointer chasing). A random permutation f of K symbols that is one K-cycle (so s, f(s) and
 f(f(s)) are distinct) is listed as K "edge" tokens (src, f(src)) in random order; a final query
-token names a symbol s; the model must output f(f(s)) from the query position. Causal mask, no
-positional encoding (the edges are a set).
+token names a symbol s; the model must output f(f(s)) from the query position. Causal mask.
 
 Why it separates the variants: one standard attention layer scores each edge against a query built
 from the query token alone: it can fetch f(s), but no query selects the second edge, which needs
-f(s) itself (only soft, partial strategies remain, e.g. excluding s and f(s), or pairing
-information carried by the softmax weights). A second layer gives it that query. Nexus-Q's inner attention can
-fetch f(s) *before* the outer query is formed (Eq. 10-11), so the outer attention can look up the
-edge leaving f(s); the K-side inner attention can likewise write into an edge's key the symbol
-pointing to it. The token-wise `mlp` control is nonlinear in the same place but sees one token,
-so it cannot. Every model has (within 1%) the parameter count of the Nexus-QK `separate` model of
-the same depth: the other variants get a wider block MLP.
+f(s) itself. A second layer gives it that query. Nexus-Q's inner attention can fetch f(s) *before*
+the outer query is formed (Eq. 10-11), so the outer attention can look up the edge leaving f(s).
+
+The models are the product's own: a Qwen2ForCausalLM from a Qwen2Config (RMSNorm, SwiGLU MLP, the
+real attention class) and, for the Nexus variants, `convert` with a NexusConfig (gate zero, inner
+random: every variant starts as exactly its standard model). The sequence goes in as
+`inputs_embeds`; the logits over K symbols are the LM head at the query. Within a format and depth
+every variant has (within 1%) the parameter count of Nexus-QK `separate`: the others get a wider MLP.
+
+Formats (what the result depends on; each differs from `reference` in one thing, `issue` in all):
+  positions  none: position_ids all 0 (RoPE at angle 0: no positional signal, the edges are a set);
+             rope: positions 0..K (RoPE, as in any LM)
+  embedding  factored: edge token = E_src[src] + E_dst[dst], query = E_query[s];
+             edge: one learned embedding per (src, dst) pair (K^2 ids), query = E_query[s]
+  init       torch: PyTorch's default init of every Linear/Embedding (uniform, fan-in scaled);
+             hf: Qwen2's own init (normal, std 0.02)
 """
 
 from __future__ import annotations
@@ -37,11 +45,34 @@ from .common import (
     set_seed,
     write_outputs,
 )
-from .layers import QK_VARIANTS, MixerSpec, NexusMixer, count_parameters
 
 NAME = "multihop"
 
-VARIANTS: dict[str, MixerSpec] = QK_VARIANTS
+# variant -> label; the Nexus ones are NexusConfig(inner=variant, projections="qk", order=2)
+VARIANTS: dict[str, str] = {
+    "standard": "standard",
+    "separate": "nexus-QK separate",
+    "shared": "nexus-QK shared",
+    "self": "nexus-QK self",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """How the task is presented to the model: positional encoding, embedding format and init."""
+
+    positions: str = "none"  # none | rope
+    embedding: str = "factored"  # factored | edge
+    init: str = "torch"  # torch | hf
+
+
+FORMATS: dict[str, Format] = {
+    "reference": Format(),  # the format of the project's earlier standalone-mixer result
+    "rope": Format(positions="rope"),
+    "edge": Format(embedding="edge"),
+    "hf-init": Format(init="hf"),
+    "issue": Format("rope", "edge", "hf"),  # the issue's controlled study: single edge tokens, RoPE, HF init
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +82,18 @@ class Settings:
     symbols: int = 8  # K: edges per sequence and output classes
     dim: int = 32
     heads: int = 2
-    depths: tuple[int, ...] = (1, 2)
+    depths: tuple[int, ...] = (1,)
     steps: int = 1500
     batch: int = 64
     lr: float = 3e-3
     eval_every: int = 100
     eval_size: int = 512
     seeds: int = 3
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = ("standard", "separate")
+    formats: tuple[str, ...] = tuple(FORMATS)
 
 
-QUICK = Settings(steps=40, seeds=1, eval_every=20, eval_size=128)
+QUICK = Settings(steps=40, seeds=1, eval_every=20, eval_size=128, formats=("reference",))
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -80,53 +112,93 @@ def make_batch(
 
 
 # --------------------------------------------------------------------------------------- model
-class Block(nn.Module):
-    """Pre-norm block: x + Mixer(LN(x)), then x + MLP(LN(x)). The mixer's inner attentions read LN(x)."""
-
-    def __init__(self, dim: int, heads: int, spec: MixerSpec, mlp_hidden: int):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.mixer = NexusMixer(dim, heads, dim // heads, spec, causal=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class PointerModel(nn.Module):
-    """Edge token = E_src[src] + E_dst[dst]; query token = E_query[s]; logits over K at the query."""
+    """Embeddings of the chosen format -> a (Nexus) Qwen2ForCausalLM over K output ids."""
 
-    def __init__(self, settings: Settings, depth: int, spec: MixerSpec, mlp_hidden: int):
+    def __init__(self, settings: Settings, depth: int, variant: str, fmt: Format, mlp_hidden: int):
         super().__init__()
         k, d = settings.symbols, settings.dim
-        self.src, self.dst, self.query = nn.Embedding(k, d), nn.Embedding(k, d), nn.Embedding(k, d)
-        self.blocks = nn.ModuleList(Block(d, settings.heads, spec, mlp_hidden) for _ in range(depth))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, k)
+        self.fmt = fmt
+        self.edge = nn.Embedding(k * k if fmt.embedding == "edge" else k, d)
+        self.dst = nn.Embedding(k, d) if fmt.embedding == "factored" else None
+        self.query = nn.Embedding(k, d)
+        self.lm = _qwen2(settings, depth, variant, mlp_hidden)
+        if fmt.init == "torch":
+            _torch_default_init(self)
+        else:
+            for emb in (self.edge, self.dst, self.query):
+                if emb is not None:
+                    nn.init.normal_(emb.weight, std=self.lm.config.initializer_range)
 
     def forward(self, edges: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        x = self.src(edges[..., 0]) + self.dst(edges[..., 1])  # (B, K, d)
+        k = self.query.num_embeddings
+        if self.dst is None:
+            x = self.edge(edges[..., 0] * k + edges[..., 1])  # (B, K, d): one id per (src, dst)
+        else:
+            x = self.edge(edges[..., 0]) + self.dst(edges[..., 1])
         x = torch.cat([x, self.query(query)[:, None]], dim=1)  # (B, K+1, d): the query comes last
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x[:, -1]))  # (B, K)
+        n = x.shape[1]
+        positions = torch.arange(n) if self.fmt.positions == "rope" else torch.zeros(n, dtype=torch.long)
+        out = self.lm(inputs_embeds=x, position_ids=positions.expand(x.shape[0], n), logits_to_keep=1)
+        return out.logits[:, -1]  # (B, K)
 
 
-def build(settings: Settings, depth: int, variant: str, target_params: int | None = None) -> PointerModel:
-    """The model of `variant`, its block-MLP width chosen so the total is closest to target_params."""
-    spec, d = VARIANTS[variant], settings.dim
+def _qwen2(settings: Settings, depth: int, variant: str, mlp_hidden: int) -> nn.Module:
+    """A Qwen2ForCausalLM with K output ids; converted to Nexus-QK `variant` unless standard."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ..converter import convert
+    from ..modeling import NexusConfig
+
+    config = Qwen2Config(
+        vocab_size=settings.symbols,  # the LM head is the classifier; its input embeddings are unused
+        hidden_size=settings.dim,
+        intermediate_size=mlp_hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    config._attn_implementation = "eager"
+    model = Qwen2ForCausalLM(config)
+    if variant != "standard":  # gate zero, inner random: starts as exactly the standard model
+        model = convert(model, NexusConfig(order=2, projections="qk", inner=variant, gate="zero"))
+    return model
+
+
+def _torch_default_init(model: nn.Module) -> None:
+    """PyTorch's default init for every Linear and Embedding (Nexus gates and norms keep their start)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.reset_parameters()
+
+
+def build(
+    settings: Settings, depth: int, variant: str, target_params: int | None = None, fmt: Format = Format()
+) -> PointerModel:
+    """The model of `variant`, its MLP width chosen so the total is closest to target_params."""
+    d = settings.dim
     if target_params is None:
-        return PointerModel(settings, depth, spec, 4 * d)
-    per_unit = depth * (2 * d + 1)  # one more hidden unit in every block MLP
-    base = count_parameters(PointerModel(settings, depth, spec, 1)) - per_unit  # without MLP hidden units
+        return PointerModel(settings, depth, variant, fmt, 4 * d)
+    per_unit = depth * 3 * d  # one more SwiGLU hidden unit: gate, up and down projections of every layer
+    base = count_parameters(PointerModel(settings, depth, variant, fmt, 1)) - per_unit
     hidden = max(1, round((target_params - base) / per_unit))
-    return PointerModel(settings, depth, spec, hidden)
+    return PointerModel(settings, depth, variant, fmt, hidden)
 
 
-def target_parameters(settings: Settings, depth: int) -> int:
-    """The reference size: Nexus-QK `separate` with the standard block MLP (hidden 4d)."""
-    return count_parameters(build(settings, depth, "separate"))
+def target_parameters(settings: Settings, depth: int, fmt: Format = Format()) -> int:
+    """The reference size: Nexus-QK `separate` with MLP hidden 4d."""
+    return count_parameters(build(settings, depth, "separate", fmt=fmt))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, less the LM's input embeddings (unused: the sequence comes in as embeddings)."""
+    unused = (
+        sum(p.numel() for p in model.lm.get_input_embeddings().parameters()) if hasattr(model, "lm") else 0
+    )
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) - unused
 
 
 # ------------------------------------------------------------------------------------ training
@@ -140,10 +212,13 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor, torch.Ten
     return float((logits.argmax(-1) == answer).float().mean()), float(loss)
 
 
-def train_one(settings: Settings, depth: int, variant: str, seed: int, eval_data) -> dict[str, Any]:
+def train_one(
+    settings: Settings, depth: int, variant: str, seed: int, eval_data, fmt: Format = Format()
+) -> dict[str, Any]:
     """Adam on fresh batches (no data reuse); held-out accuracy every eval_every steps."""
+    target = target_parameters(settings, depth, fmt)
     set_seed(seed)
-    model = build(settings, depth, variant, target_parameters(settings, depth))
+    model = build(settings, depth, variant, target, fmt)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     gen = torch.Generator().manual_seed(1_000 + seed)
     curve: list[tuple[int, float, float]] = []
@@ -160,7 +235,7 @@ def train_one(settings: Settings, depth: int, variant: str, seed: int, eval_data
         opt.step()
     return {
         "parameters": count_parameters(model),
-        "mlp_hidden": model.blocks[0].mlp[0].out_features,
+        "mlp_hidden": model.lm.config.intermediate_size,
         "final_accuracy": curve[-1][1],
         "final_loss": curve[-1][2],
         "best_accuracy": max(a for _, a, _ in curve),
@@ -184,15 +259,20 @@ def run(
         "quick": quick,
         "settings": dataclasses.asdict(settings),
         "seeds": list(range(settings.seeds)),
-        "variants": {k: VARIANTS[k].label for k in settings.variants},
+        "variants": {k: VARIANTS[k] for k in settings.variants},
+        "formats": {k: dataclasses.asdict(FORMATS[k]) for k in settings.formats},
         "chance_accuracy": 1 / settings.symbols,
         "runs": {},
     }
-    for depth in settings.depths:
-        results["runs"][f"{depth}-layer"] = {
-            v: [train_one(settings, depth, v, seed, eval_data) for seed in range(settings.seeds)]
-            for v in settings.variants
-        }
+    for name in settings.formats:
+        for depth in settings.depths:
+            results["runs"][f"{name}/{depth}-layer"] = {
+                v: [
+                    train_one(settings, depth, v, seed, eval_data, FORMATS[name])
+                    for seed in range(settings.seeds)
+                ]
+                for v in settings.variants
+            }
     results["runtime_s"] = round(time.time() - start, 1)
     results["cpu_s"] = round(time.process_time() - cpu_start, 1)
     results["environment"] = environment()
@@ -207,36 +287,33 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Two-hop pointer chasing over K = {s['symbols']} symbols (answer f(f(s)); chance "
         f"{results['chance_accuracy']:.3f}). Width {s['dim']}, {s['heads']} heads, Adam lr {s['lr']}, batch "
         f"{s['batch']} fresh sequences per step, {s['steps']} steps, accuracy on {s['eval_size']} held-out "
-        f"sequences; mean ± std over seeds {results['seeds']}. Parameter counts matched within each depth.\n",
+        f"sequences; mean ± std over seeds {results['seeds']}. Parameter counts matched within each format "
+        "and depth. Models: Qwen2ForCausalLM from a Qwen2Config, Nexus variants through `convert` (gate zero, "
+        "inner random). Columns are `format/depth`; formats (positions, embedding, init): "
+        + "; ".join(
+            f"{k} = {f['positions']}, {f['embedding']}, {f['init']}" for k, f in results["formats"].items()
+        )
+        + ".\n",
     ]
     depths = list(results["runs"])
     rows = []
-    for v, label in results["variants"].items():
-        row = [label]
-        for depth in depths:
-            runs = results["runs"][depth][v]
-            row += [
-                runs[0]["parameters"],
-                fmt_mean_std([r["final_accuracy"] for r in runs], 3),
-                fmt_mean_std([r["best_accuracy"] for r in runs], 3),
-            ]
-        rows.append(row)
-    headers = ["variant"]
-    for depth in depths:
-        headers += [f"{depth} params", f"{depth} final acc", f"{depth} best acc"]
+    for key in depths:  # one row per (format/depth, variant): the formats are the study's axis
+        for v, label in results["variants"].items():
+            runs = results["runs"][key][v]
+            hits = [next((str(st) for st, a, _ in r["curve"] if a >= 0.9), "-") for r in runs]
+            rows.append(
+                [
+                    key,
+                    label,
+                    runs[0]["parameters"],
+                    fmt_mean_std([r["final_accuracy"] for r in runs], 3),
+                    fmt_mean_std([r["best_accuracy"] for r in runs], 3),
+                    ", ".join(f"{r['final_accuracy']:.2f}" for r in runs),
+                    ", ".join(hits),
+                ]
+            )
+    headers = ["format/depth", "variant", "params", "final acc", "best acc", "per seed", "first step ≥ 0.9"]
     lines.append(markdown_table(headers, rows))
-    lines.append("\nFirst evaluation step at which held-out accuracy ≥ 0.9 (per seed; '-' = never):\n")
-    rows = []
-    for v, label in results["variants"].items():
-        row = [label]
-        for depth in depths:
-            hits = []
-            for r in results["runs"][depth][v]:
-                step = next((st for st, a, _ in r["curve"] if a >= 0.9), None)
-                hits.append("-" if step is None else str(step))
-            row.append(", ".join(hits))
-        rows.append(row)
-    lines.append(markdown_table(["variant", *depths], rows))
     secs = {d: sum(r["seconds"] for v in results["runs"][d].values() for r in v) for d in depths}
     lines.append(
         f"\nRuntime: {results['runtime_s']} s wall, {results['cpu_s']} s CPU in all ({', '.join(f'{d}: {t:.0f} s' for d, t in secs.items())}; "
@@ -264,9 +341,20 @@ def render_plot(results: dict[str, Any]):
     axes[0][0].set_ylabel("held-out accuracy, f(f(s))")
     for ax in axes[0]:
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle("Multihop: two-hop pointer chasing (mean ± std over seeds)")
+    fig.suptitle("Multihop (Qwen2 + convert): two-hop pointer chasing (mean ± std over seeds)")
     fig.tight_layout()
     return fig
 
 
-__all__ = ["NAME", "QUICK", "Settings", "VARIANTS", "build", "make_batch", "mean_std", "run"]
+__all__ = [
+    "FORMATS",
+    "NAME",
+    "QUICK",
+    "Format",
+    "Settings",
+    "VARIANTS",
+    "build",
+    "make_batch",
+    "mean_std",
+    "run",
+]

@@ -1,13 +1,14 @@
-"""The `multihop` task, parameter matching, and its --quick run."""
+"""The `multihop` task, its models (the product's Qwen2 + convert), parameter matching, --quick run."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from nexus_retrofit.experiments import multihop as M
-from nexus_retrofit.experiments.layers import count_parameters
+from nexus_retrofit.experiments.multihop import count_parameters
 
 
 def test_batch_is_two_hop_pointer_chasing():
@@ -25,13 +26,43 @@ def test_batch_is_two_hop_pointer_chasing():
         assert int(answer[b]) == f[f[q]] and len({q, f[q], f[f[q]]}) == 3
 
 
-def test_parameter_counts_match_within_one_percent():
+@pytest.mark.parametrize("fmt", list(M.FORMATS))
+def test_parameter_counts_match_within_one_percent(fmt):
     settings = M.Settings()
-    for depth in settings.depths:
-        target = M.target_parameters(settings, depth)
+    for depth in (1, 2):
+        target = M.target_parameters(settings, depth, M.FORMATS[fmt])
         for variant in M.VARIANTS:
-            n = count_parameters(M.build(settings, depth, variant, target))
+            n = count_parameters(M.build(settings, depth, variant, target, M.FORMATS[fmt]))
             assert abs(n - target) / target < 0.01, (depth, variant, n, target)
+
+
+@pytest.mark.parametrize("variant", ["separate", "shared", "self"])
+def test_nexus_variants_are_the_products_attention_and_start_as_standard(variant):
+    settings = M.Settings()
+    torch.manual_seed(0)
+    standard = M.build(settings, 1, "standard", fmt=M.FORMATS["reference"])
+    torch.manual_seed(0)
+    nexus = M.build(settings, 1, variant, fmt=M.FORMATS["reference"])
+    assert "Nexus" in type(nexus.lm.model.layers[0].self_attn).__name__
+    # gate zero: the converted model computes the standard one's function (same weights where shared)
+    nexus.load_state_dict(standard.state_dict(), strict=False)
+    edges, query, _ = M.make_batch(8, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(nexus(edges, query), standard(edges, query))
+
+
+@pytest.mark.parametrize(
+    "fmt,positions_matter",
+    [("reference", False), ("rope", True), ("edge", False), ("hf-init", False), ("issue", True)],
+)
+def test_formats_set_the_positional_signal(fmt, positions_matter):
+    # with position_ids all 0 the model is invariant to the order of the edges (they are a set)
+    torch.manual_seed(0)
+    model = M.build(M.Settings(), 1, "standard", fmt=M.FORMATS[fmt]).eval()
+    edges, query, _ = M.make_batch(8, 2, torch.Generator().manual_seed(1))
+    shuffled = edges[:, torch.randperm(8, generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        same = torch.allclose(model(edges, query), model(shuffled, query), atol=1e-5)
+    assert same != positions_matter
 
 
 def test_quick_run_writes_sane_outputs(tmp_path):
@@ -39,7 +70,7 @@ def test_quick_run_writes_sane_outputs(tmp_path):
     for path in (out.json_path, out.markdown_path, out.plot_path):
         assert path.exists() and path.stat().st_size > 0
     results = json.loads(out.json_path.read_text())
-    assert set(results["runs"]) == {"1-layer", "2-layer"}
+    assert set(results["runs"]) == {"reference/1-layer"}
     for runs in results["runs"].values():
         sizes = {v: r[0]["parameters"] for v, r in runs.items()}
         assert max(sizes.values()) - min(sizes.values()) <= 0.01 * max(sizes.values())
