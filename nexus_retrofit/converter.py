@@ -12,13 +12,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .modeling import FAMILIES, NexusAttentionMixin, NexusConfig
-
-NEXUS_PARAMETER_MARKERS = (".self_attn.inner.", ".self_attn.gates.")
-
-
-def is_nexus_parameter(name: str) -> bool:
-    """True for parameters that a conversion adds (inner attention modules and gates)."""
-    return any(marker in name for marker in NEXUS_PARAMETER_MARKERS)
+from .modeling.modeling_nexus import init_nexus_parameters
+from .modeling.names import is_nexus_parameter
 
 
 def _check_convertible(model: nn.Module) -> str:
@@ -90,18 +85,7 @@ def _materialise_nexus_parameters(model: PreTrainedModel, nexus: NexusConfig) ->
             attention.gates.to_empty(device=reference.device)
             attention.gates.to(reference.dtype)
         with torch.no_grad():
-            _start_nexus_parameters(attention, nexus)
-
-
-def _start_nexus_parameters(attention: NexusAttentionMixin, nexus: NexusConfig) -> None:
-    """Gates at gate_start (0, or 1 when open); with zero_out, each inner o_proj at 0 (LoRA's B = 0)."""
-    for gate in getattr(attention, "gates", {}).values():
-        gate.fill_(nexus.gate_start)
-    if nexus.inner_init == "zero_out" and hasattr(attention, "inner"):  # order 1 has none
-        for inner in attention.inner.values():
-            inner.o_proj.weight.zero_()
-            if inner.o_proj.bias is not None:
-                inner.o_proj.bias.zero_()
+            init_nexus_parameters(attention)  # gates at their start value; zero_out o_proj at 0
 
 
 def convert(model: PreTrainedModel, config: NexusConfig | None = None, **settings) -> PreTrainedModel:

@@ -72,7 +72,7 @@ def parameter_counts(model_dir: Path) -> dict[str, int]:
     """Parameter counts from the safetensors headers (no weights are read)."""
     from safetensors import SafetensorError, safe_open
 
-    from .converter import is_nexus_parameter
+    from .modeling.names import is_nexus_parameter
 
     total = added = 0
     files = sorted(model_dir.glob("*.safetensors"))

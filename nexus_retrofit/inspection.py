@@ -87,7 +87,7 @@ def count_parameters(folder: Path) -> tuple[int, int] | None:
     """(total, added by Nexus) from the safetensors headers, or None without safetensors files."""
     from safetensors import safe_open
 
-    from .converter import is_nexus_parameter
+    from .modeling.names import is_nexus_parameter
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:

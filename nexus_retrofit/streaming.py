@@ -196,7 +196,7 @@ def _nexus_attentions(model: nn.Module) -> list[tuple[str, NexusAttentionMixin]]
 
 
 def _new_tensors(prefix: str, attention: nn.Module) -> dict[str, torch.Tensor]:
-    from .converter import is_nexus_parameter
+    from .modeling.names import is_nexus_parameter
 
     return {
         f"{prefix}.{name}": t
@@ -207,7 +207,7 @@ def _new_tensors(prefix: str, attention: nn.Module) -> dict[str, torch.Tensor]:
 
 def _own_names(prefix: str, attention: nn.Module) -> list[str]:
     """The attention's pretrained tensors (q/k/v/o_proj, norms), relative names."""
-    from .converter import is_nexus_parameter
+    from .modeling.names import is_nexus_parameter
 
     return [n for n in attention.state_dict() if not is_nexus_parameter(f"{prefix}.{n}")]
 
@@ -410,7 +410,7 @@ def convert_streaming(
 def _check_coverage(saved: set[str], weight_map: dict[str, str], source: str) -> None:
     """Every pretrained tensor the Nexus model saves must be in the source shards (the in-memory path
     would initialise a missing one at random, which a reused shard cannot reproduce)."""
-    from .converter import is_nexus_parameter
+    from .modeling.names import is_nexus_parameter
 
     missing = sorted(n for n in saved if not is_nexus_parameter(n) and n not in weight_map)
     if missing:

@@ -25,6 +25,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..converter import convert
 from ..modeling import NexusConfig
+from ..modeling.names import is_gate
 from ..safe_output import atomic_write_text, save_figure
 from .counts import model_train_flops
 from .shapes import LAYER_CONFIG, QWEN_05B_CONFIG, TINY_MODEL_CONFIG, VARIANTS
@@ -95,7 +96,7 @@ def build_model(
         model = convert(model, nexus)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if ".gates." in name:
+                if is_gate(name):
                     p.fill_(0.1)
     return model.to(device=device, dtype=dtype)
 

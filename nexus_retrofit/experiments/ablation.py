@@ -179,9 +179,9 @@ def sft(model, tokenizer, settings: Settings, seed: int) -> dict[str, Any]:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from ..converter import is_nexus_parameter
     from ..demo.arithmetic import read_jsonl
     from ..demo.assets import sft_data_path
+    from ..modeling.names import is_nexus_parameter
 
     rows = read_jsonl(sft_data_path())
     examples = [encode(tokenizer, r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]

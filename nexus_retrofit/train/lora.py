@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..modeling.names import GATE_MARKER, INNER_MARKER
 from .recipe import RecipeError
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 OUTER_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 INNER_PATTERN = r".*\.self_attn\.inner\..*"  # PEFT's exclude_modules: a regex over full module names
-GATE_MARKER = ".self_attn.gates."
 GATES_FILE = "nexus_gates.safetensors"
 
 
@@ -48,7 +48,7 @@ def is_peft_model(model: nn.Module) -> bool:
 
 def inner_module_suffixes(model: nn.Module) -> list[str]:
     """`self_attn.inner.<p>` for every inner attention module: PEFT matches modules_to_save by suffix."""
-    marker = ".self_attn.inner."
+    marker = INNER_MARKER
     return sorted(
         {
             "self_attn.inner." + name.rsplit(marker, 1)[1]

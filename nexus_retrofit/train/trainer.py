@@ -22,9 +22,9 @@ from torch import nn
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from ..converter import is_nexus_parameter
 from ..modeling import NexusAttentionMixin
-from .lora import GATE_MARKER, is_peft_model, load_gates, save_gates, unfreeze_gates
+from ..modeling.names import GATE_MARKER, is_nexus_parameter
+from .lora import is_peft_model, load_gates, save_gates, unfreeze_gates
 from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, set_seed
 
 from nexus_retrofit import NexusConfig, convert
-from nexus_retrofit.converter import is_nexus_parameter
+from nexus_retrofit.modeling.names import is_nexus_parameter
 from nexus_retrofit.train import CONFIG_FILE, parse_recipe, run_training
 from nexus_retrofit.train.trainer import nexus_param_groups
 from tests.train.conftest import NEXUS, make_recipe
@@ -56,7 +56,11 @@ def test_nexus_lowers_the_loss(nexus_run):
     assert len(losses) == 6
     assert losses[-1] < 0.8 * losses[0], losses
     # the resolved settings (defaults filled in), plus the recipe-only training keys
-    assert result.nexus == {**NexusConfig(**NEXUS).to_dict(), "inner_lr_multiplier": 4.0, "inner_only_steps": 0}
+    assert result.nexus == {
+        **NexusConfig(**NEXUS).to_dict(),
+        "inner_lr_multiplier": 4.0,
+        "inner_only_steps": 0,
+    }
 
 
 def test_nexus_gates_and_inner_weights_change(nexus_run, tiny_model_dir):
