@@ -6,7 +6,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .recipe import RecipeError
+    from .errors import RecipeError
     from .run import run_training
 
     argv = list(sys.argv[1:] if argv is None else argv)

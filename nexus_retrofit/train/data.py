@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .recipe import RecipeError
+from .errors import RecipeError
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, IterableDataset

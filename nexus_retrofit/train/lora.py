@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..modeling.names import GATE_MARKER, INNER_MARKER
-from .recipe import RecipeError
+from .errors import RecipeError
 
 if TYPE_CHECKING:
     from peft import LoraConfig

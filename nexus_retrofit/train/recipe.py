@@ -24,6 +24,9 @@ import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ..modeling import NexusConfig
+from .data import parse_mixture
+from .errors import RecipeError
+from .lora import base_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +64,6 @@ UNSUPPORTED = {  # fields that parse but that this command does not implement
     "load_in_8bit": "quantised training is not supported",
     "load_in_4bit": "quantised training is not supported",
 }
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the offending key."""
 
 
 @dataclass
@@ -178,6 +177,21 @@ class Recipe:
     nexus: NexusTrainArguments | None
     values: dict[str, Any]  # explicit settings after overrides, canonical names, typed
     notes: list[str] = field(default_factory=list)  # renamed keys and other one-line notices
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # the `env:` block; never persisted
+
+    def apply_env(self) -> list[str]:
+        """Set the recipe's `env:` variables (the run does this once it starts, never the parser); a
+        redacted value (a saved recipe) keeps the environment's. Returns one-line notices."""
+        notes = []
+        for name, value in self.env.items():
+            if value == REDACTED:
+                if name not in os.environ:
+                    notes.append(
+                        f"env.{name} was redacted when the recipe was saved and is not set in the environment"
+                    )
+                continue
+            os.environ[name] = value
+        return notes
 
     def to_yaml(self, nexus_resolved: dict[str, Any] | None = None) -> str:
         """The recipe as it runs, re-usable as a recipe: explicit settings plus the resolved nexus block."""
@@ -331,18 +345,6 @@ def _typed_values(explicit: list[str], parsed: tuple, env: dict | None) -> dict[
     return values
 
 
-def _apply_env(env: dict | None, notes: list[str]) -> None:
-    """Set the recipe's `env:` variables; a redacted value (a saved recipe) keeps the environment's."""
-    for name, value in (env or {}).items():
-        if value == REDACTED:
-            if str(name) not in os.environ:
-                notes.append(
-                    f"env.{name} was redacted when the recipe was saved and is not set in the environment"
-                )
-            continue
-        os.environ[str(name)] = str(value)
-
-
 def _check_steps(training: SFTConfig) -> None:
     """max_steps 0 or below -1 would train 1 step (or num_train_epochs epochs) without a word."""
     steps = training.max_steps
@@ -445,15 +447,10 @@ def parse_recipe(
 
     _check_steps(training)
     if model.use_peft:  # the LoRA settings are checked now, not after the model is loaded
-        from .lora import base_lora_config
-
         base_lora_config(model)
     if script.dataset_mixture:
-        from .data import parse_mixture
-
         parse_mixture(script.dataset_mixture)
 
-    _apply_env(env, notes)  # TrlParser's `env:` block, applied once the recipe is valid
     explicit = list(dict.fromkeys([*config, *(k for k, _ in cli)]))
     for note in notes:
         logger.warning("recipe: %s", note)
@@ -464,4 +461,5 @@ def parse_recipe(
         nexus=nexus,
         values=_typed_values(explicit, (script, training, model), env),
         notes=notes,
+        env={str(name): str(value) for name, value in (env or {}).items()},
     )

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..safe_output import OutputError, atomic_write_text, check_output_location
-from .recipe import CONFIG_FILE, Recipe, RecipeError, parse_recipe
+from .errors import RecipeError
+from .recipe import CONFIG_FILE, Recipe, parse_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -581,6 +582,8 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
     from .trainer import NexusSFTTrainer
 
     parsed = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe, overrides)
+    for note in parsed.apply_env():  # the recipe is valid: now its `env:` block may take effect
+        logger.warning("recipe: %s", note)
     training = parsed.training
     _setup_logging(training)
     check_peft_engine(training, parsed.model.use_peft)

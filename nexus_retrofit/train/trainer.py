@@ -24,8 +24,8 @@ from trl import SFTTrainer
 
 from ..modeling import NexusAttentionMixin
 from ..modeling.names import GATE_MARKER, is_nexus_parameter
+from .errors import RecipeError
 from .lora import is_peft_model, load_gates, save_gates, unfreeze_gates
-from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 

@@ -89,8 +89,17 @@ def test_env_values_are_never_written(recipe, monkeypatch, env, key):
     assert saved["env"] == {name: REDACTED for name in env}
     # the saved recipe runs again: a redacted value keeps the environment's, never the placeholder
     monkeypatch.setenv(key, "from-the-environment")
-    parse_recipe(result.output_dir / CONFIG_FILE, ["--use_cpu", "true"])
-    assert os.environ[key] == "from-the-environment"
+    again = parse_recipe(result.output_dir / CONFIG_FILE, ["--use_cpu", "true"])
+    assert again.apply_env() == [] and os.environ[key] == "from-the-environment"
+
+
+def test_parsing_a_recipe_sets_no_environment_variable(recipe, monkeypatch):
+    """Parsing is side-effect free: the `env:` block takes effect when a run starts (apply_env)."""
+    monkeypatch.delenv("NEXUS_TEST_VARIABLE", raising=False)
+    parsed = parse_recipe({**recipe, "env": {"NEXUS_TEST_VARIABLE": "value-7f3a"}})
+    assert "NEXUS_TEST_VARIABLE" not in os.environ and "value-7f3a" not in repr(parsed)
+    parsed.apply_env()
+    assert os.environ["NEXUS_TEST_VARIABLE"] == "value-7f3a"
 
 
 # --- 3. resume past torn checkpoints -------------------------------------------------------------
