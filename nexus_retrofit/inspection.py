@@ -65,7 +65,7 @@ class Inspection:
 
 
 def cache_slots(config) -> list[CacheSlot]:
-    """One KV-cache slot per distinct sub-attention of a layer (DESIGN.md section 2)."""
+    """One KV-cache slot per distinct sub-attention of a layer (docs/DESIGN.md §2)."""
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     slots = [CacheSlot("outer", kv_heads)]
     nexus = getattr(config, "nexus", None)

@@ -53,7 +53,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The SFT budget (the demo's recipe, DESIGN.md section 8, fewer steps) and the evaluation size."""
+    """The SFT budget (the demo's recipe, docs/DESIGN.md §9, fewer steps) and the evaluation size."""
 
     max_steps: int = 100
     learning_rate: float = 1e-4

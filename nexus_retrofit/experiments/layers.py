@@ -4,7 +4,7 @@ The experiments fit one attention map or train tiny transformers from scratch, s
 small module instead of a full HF model. It computes exactly what `NexusAttentionMixin` computes
 (a test checks it against `NexusQwen2Attention` with RoPE at position 0 and zero q/k/v biases), minus
 what these tasks do not need: RoPE (the tasks carry no positional signal), GQA (one KV head per
-head) and the KV cache. Notation (DESIGN.md section 1, paper arXiv 2512.03377):
+head) and the KV cache. Notation (docs/DESIGN.md §1, paper arXiv 2512.03377):
 
     standard : Q = X Wq, K = X Wk, V = X Wv, O = softmax(Q K^T s + M) V Wo
     separate : X_p^(l) = X + g_p * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1))   (Sec. 4.4, Eq. 10-11)

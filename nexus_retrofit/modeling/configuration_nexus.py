@@ -106,7 +106,7 @@ def _check_combination(c: NexusConfig) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class NexusConfig:
-    """Settings of a Nexus retrofit. See DESIGN.md section 1.
+    """Settings of a Nexus retrofit. See docs/DESIGN.md §1 and §5.
 
     order: 1 is standard attention; order m feeds the Q/K(/V) projections with order m-1 inner
         attentions (Eq. 10-11), inner weights and gates shared across levels.
@@ -176,7 +176,7 @@ class NexusConfig:
 
     @property
     def distinct_attention_calls(self) -> int:
-        """Distinct attention calls per layer: the paper's 2^m - 1 tree collapses to a chain (DESIGN.md 1)."""
+        """Distinct attention calls per layer: the paper's 2^m - 1 tree collapses to a chain (docs/DESIGN.md §1)."""
         per_level = 1 if self.inner == "shared" else len(self.projections)
         return 1 + per_level * self.levels
 
