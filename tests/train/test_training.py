@@ -190,33 +190,3 @@ def test_output_loads_without_the_package(nexus_run, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert 1 <= int(done.stdout.strip().splitlines()[-1]) <= 4
-
-
-def test_liger_kernels_use_the_base_family_for_a_nexus_model(monkeypatch, tiny_model_dir):
-    """liger-kernel dispatches on model_type; a nexus_qwen2 model gets the qwen2 kernels (liger faked here)."""
-    import sys
-    import types
-
-    import transformers.utils
-
-    from nexus_retrofit.train.run import _apply_liger
-
-    calls = []
-
-    def apply_qwen2(model=None, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True):
-        calls.append((model, rms_norm, swiglu, fused_linear_cross_entropy))
-
-    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
-    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"qwen2": apply_qwen2}
-    for name in ("liger_kernel", "liger_kernel.transformers"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
-    monkeypatch.setattr(transformers.utils, "is_liger_kernel_available", lambda: True)
-
-    model = convert(AutoModelForCausalLM.from_pretrained(tiny_model_dir), NexusConfig(**NEXUS))
-    args = types.SimpleNamespace(
-        use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": False, "other": 1}
-    )
-    _apply_liger(types.SimpleNamespace(args=args), model)
-    assert calls == [(model, True, True, False)]
-    assert args.use_liger_kernel is False  # the Trainer must not look up `nexus_qwen2` itself
