@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
 
 import typer
+
+from . import fail
 
 # results go to an untracked folder by default: a run from the repo root must not replace the
 # committed numbers (pass --output-dir eval/results/perf --overwrite to update those on purpose)
@@ -48,7 +49,9 @@ def speed(
         import torch
 
         if not torch.cuda.is_available():
-            _fail("--device cuda: no CUDA GPU is visible to torch; run on a GPU machine or use --device cpu")
+            raise fail(
+                "--device cuda: no CUDA GPU is visible to torch; run on a GPU machine or use --device cpu"
+            )
     _check_outputs(output_dir, [f"speed_{device}.{ext}" for ext in ("json", "md", "png")], overwrite)
     console = Console()
     with console.status("benchmarking ..."), sigterm_as_interrupt():
@@ -100,7 +103,7 @@ def gpu(
         import torch
 
         if not torch.cuda.is_available():
-            _fail("no CUDA GPU is visible to torch; run on a GPU machine or pass --dry-run")
+            raise fail("no CUDA GPU is visible to torch; run on a GPU machine or pass --dry-run")
     names = ["gpu_check.json", "gpu_check.md"] + [
         f"speed/speed_{device}.{ext}" for ext in ("json", "md", "png")
     ]
@@ -135,13 +138,6 @@ def streaming(
     Console().print(report.read_text())
 
 
-def _fail(message: str) -> NoReturn:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
 def _check_outputs(output_dir: Path, names: list[str], overwrite: bool) -> None:
     """Path and replace checks before any work (see nexus_retrofit.safe_output)."""
     from ..safe_output import OutputError, check_output_files
@@ -149,4 +145,4 @@ def _check_outputs(output_dir: Path, names: list[str], overwrite: bool) -> None:
     try:
         check_output_files(output_dir, names, overwrite)
     except OutputError as e:
-        _fail(str(e))
+        raise fail(str(e)) from None

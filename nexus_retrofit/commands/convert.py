@@ -8,13 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import fail, one_line
+
 console = Console(stderr=True)
-
-
-def fail(message: str) -> typer.Exit:
-    """Print a clear error and return the exit to raise (exit code 2, like a usage error)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, unwrapped
-    return typer.Exit(code=2)
 
 
 MAX_ORDER = 4  # order m costs 1 + (m-1)|P| attention calls per layer; beyond 4 nothing is tested
@@ -99,7 +95,7 @@ def convert(
         try:
             model = load_causal_lm(source, dtype, trust_remote_code, revision)
         except (OSError, ValueError, SafetensorError) as e:
-            raise fail(f"could not load {source}: {_one_line(e)}") from None
+            raise fail(f"could not load {source}: {one_line(e)}") from None
     torch.manual_seed(seed)
     try:
         model = convert_model(model, settings)
@@ -141,7 +137,7 @@ def _convert_streaming(
         try:
             result = convert_streaming(source, tmp, settings, seed, dtype, revision, trust_remote_code)
         except (OSError, ValueError, SafetensorError) as e:
-            raise fail(f"could not convert {source}: {_one_line(e)}") from None
+            raise fail(f"could not convert {source}: {one_line(e)}") from None
         has_tokenizer = save_tokenizer_files(source, tmp, revision)
     console.print(
         f"[green]wrote[/] {output} ({result.architecture}, {settings}; streamed: source shards "
@@ -160,11 +156,6 @@ def _check_source(source: str, revision: str | None) -> None:
     check_config_dict(read_source_config(source, revision), source)
     if Path(source).expanduser().is_dir():
         check_safetensors(Path(source).expanduser())
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) < 300 else text[:297] + "..."
 
 
 def inspect(

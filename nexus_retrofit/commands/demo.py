@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .convert import fail
+from . import fail
 
 
 def demo(

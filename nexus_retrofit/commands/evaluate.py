@@ -9,13 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import fail
+
 console = Console(stderr=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    """Print a clear error in red and return the exit to raise (code 2, like a usage error)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def _load_task_files(task_files: list[Path] | None) -> None:
@@ -113,7 +109,7 @@ def eval_command(
         )
         raise typer.Exit(code=130) from None
     except (ValueError, FileNotFoundError, BackendError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     _print_summary(results, out)
 
 
@@ -187,7 +183,7 @@ def compare_command(
         if plot is not None:
             console.print(f"wrote {plot_comparison(runs, names, plot)}")
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 def grade_command(
@@ -214,7 +210,7 @@ def grade_command(
             raise ValueError(f"{samples} has no lines to grade")
         accuracy, correct, extracted = grade_samples(task, records)
     except (ValueError, FileNotFoundError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if as_json:
         typer.echo(json.dumps({"accuracy": accuracy, "correct": correct}))
         return

@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from . import fail
+
 console = Console(stderr=True)
 DEFAULT_ROOT = Path("runs/experiments")
 
@@ -31,15 +33,13 @@ def experiment(
     from ..safe_output import OutputError, check_output_files, sigterm_as_interrupt
 
     if name not in EXPERIMENTS:
-        console.print(f"[bold red]error:[/] unknown experiment {name!r}; available: {', '.join(EXPERIMENTS)}")
-        raise typer.Exit(code=2)
+        raise fail(f"unknown experiment {name!r}; available: {', '.join(EXPERIMENTS)}")
     # an untracked default: a run from the repo root must not replace the committed results
     output_dir = output_dir if output_dir is not None else DEFAULT_ROOT / name
     try:
         check_output_files(output_dir, ("results.json", "results.md", f"{name}.png"), overwrite)
     except OutputError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        raise fail(str(e)) from None
     with sigterm_as_interrupt():
         out = run_experiment(name, quick=quick, seeds=seeds, output_dir=output_dir, threads=threads)
     console.print(out.markdown_path.read_text())

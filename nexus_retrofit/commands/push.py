@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from . import fail
+
 console = Console(stderr=True)
 
 
@@ -51,25 +53,19 @@ def push(
             token=token,
         )
     except (PushError, FileNotFoundError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        raise fail(str(e)) from None
     except HfHubHTTPError as e:
         message = " ".join(str(e).split())
-        console.print(
-            f"[bold red]error:[/] the Hub refused the upload: {message}. Logged in (`hf auth login`) with write access?",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(code=1) from None
+        raise fail(
+            f"the Hub refused the upload: {message}. Logged in (`hf auth login`) with write access?", code=1
+        ) from None
     except _network_errors() as e:
         message = " ".join(str(e).split())
-        console.print(
-            f"[bold red]error:[/] could not reach the Hub ({type(e).__name__}: {message}); check the network "
-            "(and HF_HUB_OFFLINE), or use --dry-run",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(code=1) from None
+        raise fail(
+            f"could not reach the Hub ({type(e).__name__}: {message}); check the network (and HF_HUB_OFFLINE), "
+            "or use --dry-run",
+            code=1,
+        ) from None
     console.print(f"wrote the model card to {plan.card_path}")
     verb = "would upload" if dry_run else "uploaded"
     typer.echo(f"{verb} to {repo_id}{' (private)' if private else ''}:")

@@ -12,6 +12,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from . import fail
+
 console = Console(stderr=True)
 
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -30,8 +32,7 @@ def train(
     try:
         result = run_training(recipe, list(ctx.args))
     except RecipeError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(code=2) from None
+        raise fail(str(e)) from None
     loss = result.losses[-1][1] if result.losses else float("nan")
     console.print(
         f"[green]done:[/] {result.output_dir} (final loss {loss:.4f}, {result.train_runtime or 0:.1f} s"
