@@ -53,7 +53,11 @@ def test_quick_run_writes_sane_outputs(tmp_path):
     assert set(results["runs"]) == set(A.QUICK.configs)
     for runs in results["runs"].values():
         for r in runs:
-            assert 0.0 <= r["acc_level1"] <= 1.0 and 0.0 <= r["acc_level2"] <= 1.0
+            for level in ("acc_level1", "acc_level2"):  # a count of right answers out of eval_per_level
+                correct = r[level] * A.QUICK.eval_per_level
+                assert (
+                    correct == pytest.approx(round(correct)) and 0 <= round(correct) <= A.QUICK.eval_per_level
+                )
             assert 0.0 < r["heldout_loss"] < 10.0 and r["final_train_loss"] > 0
     nexus = results["runs"]["Nexus-QK"][0]
     assert nexus["parameters"] > results["runs"]["baseline"][0]["parameters"]
