@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from nexus_retrofit import NexusConfig, convert
+from tests.conftest import perturb_nexus
 
 EOS = "<|endoftext|>"
 VOCAB = 320
@@ -74,17 +75,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None)
     fast.chat_template = CHATML
     return fast
-
-
-def perturb_nexus(model, scale: float = 0.5, seed: int = 1) -> None:
-    """Non-trivial gates and inner weights (same recipe as tests/conftest.py)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".gates." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-            elif ".inner." in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def build_checkpoint(out: Path, family: str, nexus: NexusConfig, seed: int = 0, **overrides) -> Path:
