@@ -23,6 +23,43 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+
+@app.callback()
+def options(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show the libraries' logs, warnings and progress bars too."
+    ),
+) -> None:
+    """Upgrade pretrained LLMs to Nexus higher-order attention, fine-tune, evaluate and publish them."""
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Output is for people: the command's own progress and summaries, not thousands of lines of
+    transformers/datasets/TRL logs. Set before those libraries are imported (commands import them
+    lazily); an explicit setting in the environment wins."""
+    import os
+    import warnings
+
+    for name, value in (
+        ("NEXUS_RETROFIT_QUIET", "1"),  # train: a progress bar without per-step log dicts
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DATASETS_VERBOSITY", "error"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(name, value)
+    from transformers.utils import logging as transformers_logging  # light: no model code is imported
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings(
+            "ignore", category=category, module=r"(transformers|trl|datasets|accelerate|peft)\b"
+        )
+
+
 app.command("convert")(convert_commands.convert)
 app.command("inspect")(convert_commands.inspect)
 app.add_typer(bench_commands.bench_app, name="bench")

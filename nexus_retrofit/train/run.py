@@ -483,6 +483,24 @@ def load_tokenizer(recipe: Recipe, conversational: bool):
 # --- the run -------------------------------------------------------------------------------------
 
 
+def _quiet() -> bool:
+    """The CLI asks for people-sized output unless --verbose (NEXUS_RETROFIT_QUIET=1)."""
+    return os.environ.get("NEXUS_RETROFIT_QUIET") == "1"
+
+
+def _progress_without_log_lines(trainer) -> None:
+    """Keep the Trainer's progress bar, drop the dict it prints at every logging step (the numbers
+    still reach the run's log history, trainer_state.json and any report_to integration)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class ProgressBarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBarOnly)
+
+
 def _setup_logging(training) -> None:
     """Show this package's progress messages on the main process without touching the root logger."""
     import datasets
@@ -593,6 +611,8 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
         inner_only_steps=parsed.nexus.inner_only_steps if nexus else 0,
     )
     # use_liger_kernel: the Trainer patches the Nexus model like its family (train/liger.py registers it)
+    if _quiet():
+        _progress_without_log_lines(trainer)
     if plan.resume:
         logger.info("resuming from %s", plan.resume)
     output = trainer.train(resume_from_checkpoint=plan.resume)
@@ -602,7 +622,8 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
     seen = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     if runtime > 0 and seen:
         metrics.setdefault("train_tokens_per_second", round(seen / runtime, 3))
-    trainer.log_metrics("train", metrics)
+    if not _quiet():
+        trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
