@@ -284,7 +284,9 @@ class NexusAttentionMixin:
         return self.o_proj(out)[0]
 
 
-class NexusQwen2Attention(NexusAttentionMixin, Qwen2Attention):
+class _QwenNexusAttention(NexusAttentionMixin):
+    """Qwen2 and Qwen3: vLLM's attention class takes keyword arguments; the `nexus` block comes apart."""
+
     def __init__(self, *, nexus: NexusConfig | dict[str, Any], **kwargs):
         if kwargs.get("dual_chunk_attention_config"):
             raise NotImplementedError("Nexus attention does not support dual-chunk attention")
@@ -292,12 +294,12 @@ class NexusQwen2Attention(NexusAttentionMixin, Qwen2Attention):
         self._init_nexus(nexus, kwargs.get("cache_config"), kwargs.get("quant_config"), kwargs["prefix"])
 
 
-class NexusQwen3Attention(NexusAttentionMixin, Qwen3Attention):
-    def __init__(self, *, nexus: NexusConfig | dict[str, Any], **kwargs):
-        if kwargs.get("dual_chunk_attention_config"):
-            raise NotImplementedError("Nexus attention does not support dual-chunk attention")
-        super().__init__(**kwargs)
-        self._init_nexus(nexus, kwargs.get("cache_config"), kwargs.get("quant_config"), kwargs["prefix"])
+class NexusQwen2Attention(_QwenNexusAttention, Qwen2Attention):
+    pass
+
+
+class NexusQwen3Attention(_QwenNexusAttention, Qwen3Attention):
+    pass
 
 
 class NexusLlamaAttention(NexusAttentionMixin, LlamaAttention):
