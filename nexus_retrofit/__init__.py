@@ -1,5 +1,7 @@
 """nexus-retrofit: upgrade pretrained LLMs to Nexus higher-order attention (arXiv 2512.03377)."""
 
+from __future__ import annotations
+
 from .converter import convert
 from .modeling import FAMILIES, NexusConfig
 

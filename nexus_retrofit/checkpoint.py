@@ -9,11 +9,16 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str) -> torch.dtype | str:
     """'auto' or a torch dtype for a --dtype option value."""
     import torch
 
@@ -94,7 +99,7 @@ def read_source_config(source: str, revision: str | None = None) -> dict:
 
 def load_causal_lm(
     source: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None
-):
+) -> PreTrainedModel:
     """Load a causal LM from a local folder or a Hub id. Never enables remote code by itself."""
     from transformers import AutoModelForCausalLM
 

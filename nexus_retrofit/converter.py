@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .modeling import FAMILIES, NexusAttentionMixin, NexusConfig
 from .modeling.modeling_nexus import init_nexus_parameters
@@ -44,7 +44,7 @@ def _check_convertible(model: nn.Module) -> str:
     return model_type
 
 
-def nexus_model_config(base_config, nexus: NexusConfig):
+def nexus_model_config(base_config: PretrainedConfig, nexus: NexusConfig) -> PretrainedConfig:
     """The Nexus config for a base config: every base setting plus the `nexus` block."""
     config_cls = FAMILIES[base_config.model_type][0]
     fields = base_config.to_dict()

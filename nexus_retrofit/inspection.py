@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .modeling import NexusConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -64,7 +68,7 @@ class Inspection:
         return d
 
 
-def cache_slots(config) -> list[CacheSlot]:
+def cache_slots(config: PretrainedConfig) -> list[CacheSlot]:
     """One KV-cache slot per distinct sub-attention of a layer (docs/DESIGN.md §2)."""
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     slots = [CacheSlot("outer", kv_heads)]
@@ -109,7 +113,9 @@ def count_parameters(folder: Path) -> tuple[int, int] | None:
     return total, added
 
 
-def inspect_config(config, params: tuple[int, int] | None = None, path: str = "") -> Inspection:
+def inspect_config(
+    config: PretrainedConfig, params: tuple[int, int] | None = None, path: str = ""
+) -> Inspection:
     nexus = getattr(config, "nexus", None)
     settings = NexusConfig.from_dict(nexus) if nexus else NexusConfig(order=1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

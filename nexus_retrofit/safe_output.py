@@ -44,7 +44,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 MARKER = ".nexus-retrofit"
 TOOL = "nexus-retrofit"
@@ -180,7 +183,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield  # signal handlers can only be installed from the main thread
         return
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt(f"terminated by signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)

@@ -22,11 +22,15 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .modeling import FAMILIES, NexusAttentionMixin, NexusConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # `convert` streams by itself above this many bytes of source safetensors, or above half the free RAM.
 AUTO_STREAMING_BYTES = 4 * 2**30
@@ -139,7 +143,9 @@ def _header(file: Path) -> dict[str, tuple[torch.dtype, int]]:
         }
 
 
-def _resolve_dtype(dtype: str, config, folder: Path, weight_map: dict[str, str]) -> torch.dtype:
+def _resolve_dtype(
+    dtype: str, config: PretrainedConfig, folder: Path, weight_map: dict[str, str]
+) -> torch.dtype:
     """The dtype from_pretrained would load in: --dtype, else config.json's, else the first shard's."""
     from .checkpoint import torch_dtype
 
@@ -154,7 +160,9 @@ def _resolve_dtype(dtype: str, config, folder: Path, weight_map: dict[str, str])
 
 
 # ------------------------------------------------------------------------------ the Nexus model
-def _meta_nexus_model(config, settings: NexusConfig, dtype: torch.dtype, seed: int) -> nn.Module:
+def _meta_nexus_model(
+    config: PretrainedConfig, settings: NexusConfig, dtype: torch.dtype, seed: int
+) -> nn.Module:
     """The Nexus model on the meta device, built after the seed exactly as converter.convert builds it."""
     from .converter import nexus_model_config
 

@@ -19,8 +19,10 @@ These are exact counts of the code as it runs here; the README states which GPU 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,13 +54,21 @@ class KernelCounter(TorchDispatchMode):
         super().__init__()
         self.kernels = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         if func.overloadpacket.__name__ not in _VIEW_OPS:
             self.kernels += 1
         return func(*args, **(kwargs or {}))
 
 
-def _build(config: dict, nexus: NexusConfig | None, layers: int, device: str | torch.device):
+def _build(
+    config: dict, nexus: NexusConfig | None, layers: int, device: str | torch.device
+) -> Qwen2ForCausalLM:
     fields = {**config, "num_hidden_layers": layers}
     with torch.device(device):
         base = Qwen2Config(**fields)
@@ -100,7 +110,7 @@ def decode_kernels(config: dict, nexus: NexusConfig | None, layers: int, prompt_
     return counter.kernels
 
 
-def _per_layer(fn, config: dict, nexus: NexusConfig | None, **kwargs) -> float:
+def _per_layer(fn: Callable[..., float], config: dict, nexus: NexusConfig | None, **kwargs) -> float:
     """fn at the config's depth, from fn at 1 and 2 layers (every layer runs the same ops)."""
     one, two = fn(config, nexus, layers=1, **kwargs), fn(config, nexus, layers=2, **kwargs)
     return one + (two - one) * (config["num_hidden_layers"] - 1)

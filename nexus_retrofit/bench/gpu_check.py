@@ -35,12 +35,15 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..modeling import NexusConfig
 from ..safe_output import atomic_write_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PARTS = ("parity", "sft", "speed", "vllm")
 # Seconds per part on a GPU (H200: measured parts take well under these); the whole run stays <= 10 min.
@@ -124,7 +127,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(nexus: NexusConfig | None, config: dict, device: str, dtype: torch.dtype, attn: str = "eager"):
+def build(
+    nexus: NexusConfig | None, config: dict, device: str, dtype: torch.dtype, attn: str = "eager"
+) -> PreTrainedModel:
     """A random model (converted when `nexus` is given) whose Nexus paths all contribute.
 
     The default conversions start function-preserving (zero gates or a zero inner o_proj): every
@@ -141,7 +146,7 @@ def build(nexus: NexusConfig | None, config: dict, device: str, dtype: torch.dty
     return model.to(device=device, dtype=dtype)
 
 
-def _with_attn(model, attn: str):
+def _with_attn(model: PreTrainedModel, attn: str) -> PreTrainedModel:
     try:
         model.set_attn_implementation(attn)
     except (AttributeError, TypeError):  # an older API: the attention modules read the config
@@ -188,7 +193,9 @@ def _packed(
 
 
 @torch.no_grad()
-def _parity_errors(reference, candidate, settings: Settings) -> dict[str, tuple[float, float]]:
+def _parity_errors(
+    reference: PreTrainedModel, candidate: PreTrainedModel, settings: Settings
+) -> dict[str, tuple[float, float]]:
     """{input kind: (relative error, top-1 agreement)} of the candidate against the fp32 reference."""
     device, vocab = settings.device, reference.config.vocab_size
     padded = _left_padded(settings, vocab, device)
@@ -261,7 +268,7 @@ def _train_attn(settings: Settings) -> str:
 
 
 def _sft_measure(
-    model, ids: torch.Tensor, warmup: int, steps: int, device: str
+    model: PreTrainedModel, ids: torch.Tensor, warmup: int, steps: int, device: str
 ) -> tuple[float, float | None]:
     """(tokens/s, peak MiB above the model's resting memory) of AdamW SFT steps on `ids`."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -335,7 +342,7 @@ def part_sft(ctx: Context) -> None:
         )
 
 
-def _apply_liger(model) -> None:
+def _apply_liger(model: PreTrainedModel) -> None:
     """As TRL's SFTTrainer does: the Trainer's Liger call, without fused linear cross-entropy."""
     from transformers.integrations.liger import apply_liger_kernel
 

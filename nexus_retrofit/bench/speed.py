@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from ..converter import convert
 from ..modeling import NexusConfig
@@ -70,7 +71,13 @@ class _LargestTensor(TorchDispatchMode):
         super().__init__()
         self.largest = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
@@ -85,7 +92,7 @@ def build_model(
     dtype: torch.dtype,
     attn: str,
     layers: int | None = None,
-):
+) -> PreTrainedModel:
     """A random model of `config` (optionally converted), with non-zero gates so nothing is skipped."""
     fields = {**config, **({"num_hidden_layers": layers} if layers else {})}
     base_config = Qwen2Config(**fields)
@@ -121,17 +128,26 @@ def _causal_mask(n: int, attn: str, device: str, dtype: torch.dtype) -> torch.Te
     return torch.full((n, n), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
 
 
-def _layer_steps(nexus: NexusConfig | None, layer_config: dict, x, pos, mask, device: str, dtype, attn: str):
+def _layer_steps(
+    nexus: NexusConfig | None,
+    layer_config: dict,
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    mask: torch.Tensor | None,
+    device: str,
+    dtype: torch.dtype,
+    attn: str,
+) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor | None]], Callable[[], None]]:
     """Forward and forward+backward closures of one attention layer on fixed inputs."""
     model = build_model(nexus, {**layer_config, "vocab_size": 128}, device, dtype, attn, layers=1)
     layer = model.model.layers[0].self_attn
     cos_sin = model.model.rotary_emb(x, pos)
 
-    def forward():
+    def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             return layer(x, position_embeddings=cos_sin, attention_mask=mask)
 
-    def train_step():
+    def train_step() -> None:
         out, _ = layer(x.detach().requires_grad_(), position_embeddings=cos_sin, attention_mask=mask)
         out.float().sum().backward()
 
@@ -203,24 +219,24 @@ def _model_steps(
     nexus: NexusConfig | None,
     config: dict,
     device: str,
-    dtype,
+    dtype: torch.dtype,
     attn: str,
-    ids,
+    ids: torch.Tensor,
     prompts: dict,
     new_tokens: int,
-):
+) -> tuple[Callable[[], None], Callable[[int], None]]:
     """An SFT step closure (AdamW) and a greedy `generate(batch)` closure of one whole model."""
     model = build_model(nexus, config, device, dtype, attn)
     model.generation_config.pad_token_id = 0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-    def train_step():
+    def train_step() -> None:
         model.train()
         model(ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def generate(batch: int):
+    def generate(batch: int) -> None:
         model.eval()
         with torch.no_grad():
             model.generate(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from . import fail, one_line
+
+if TYPE_CHECKING:
+    from ..modeling import NexusConfig
 
 console = Console(stderr=True)
 
@@ -119,7 +123,7 @@ def _should_stream(source: str, revision: str | None) -> bool:
 def _convert_streaming(
     source: str,
     output: Path,
-    settings,
+    settings: NexusConfig,
     seed: int,
     dtype: str,
     revision: str | None,

@@ -3,6 +3,8 @@
 Light to import: torch, transformers, datasets and vLLM are imported only when a run needs them.
 """
 
+from __future__ import annotations
+
 from .answers import GPQA_PROMPT, MATH_PROMPT, last_boxed
 from .grading import Verdict, extract_letter, get_grader, register_grader
 from .runner import EvalSettings, evaluate, grade_samples, task_metrics

@@ -17,9 +17,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .tasks import stable_int
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 
 class BackendError(RuntimeError):
@@ -65,7 +70,10 @@ class Backend(Protocol):
 
 
 def render_prompt(
-    tokenizer, user_message: str, system_prompt: str | None = None, use_chat_template: bool = True
+    tokenizer: PreTrainedTokenizerBase,
+    user_message: str,
+    system_prompt: str | None = None,
+    use_chat_template: bool = True,
 ) -> str:
     """The text the model sees: the chat template with a generation prompt, or the bare message."""
     if not use_chat_template:
@@ -92,7 +100,7 @@ def default_backend() -> str:
     return "vllm" if vllm_available() else "hf"
 
 
-def _eos_ids(tokenizer, generation_config) -> list[int]:
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None) -> list[int]:
     ids: list[int] = []
     for value in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         for i in value if isinstance(value, (list, tuple)) else [value]:
@@ -146,7 +154,7 @@ class HFBackend:
         )
         self._generation_config_cls = GenerationConfig
 
-    def _config(self, sampling: Sampling, greedy: bool):
+    def _config(self, sampling: Sampling, greedy: bool) -> GenerationConfig:
         common = dict(
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=self.eos_token_id,
@@ -194,7 +202,7 @@ class HFBackend:
 
 # --------------------------------------------------------------------------------------------- vllm
 def _vllm_worker(
-    rank: int, gpus: str, llm_kwargs: dict, jobs, results
+    rank: int, gpus: str, llm_kwargs: dict, jobs: Queue, results: Queue
 ) -> None:  # pragma: no cover - needs vLLM
     """One data-parallel engine on its own GPUs: runs (prompt ids, params) jobs until told to stop."""
     os.environ["CUDA_VISIBLE_DEVICES"] = gpus

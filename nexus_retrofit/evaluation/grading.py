@@ -63,7 +63,7 @@ class MathGrader:
         return gold, pred
 
     @lru_cache(maxsize=4096)  # noqa: B019 - golds repeat n times per problem; the grader lives for the run
-    def _gold(self, gold: str):
+    def _gold(self, gold: str) -> list:
         from math_verify import parse
 
         gold_cfg, _ = self._configs()

@@ -4,6 +4,8 @@ With nexus_retrofit imported, `AutoModelForCausalLM.from_pretrained(path)` loads
 through these classes without `trust_remote_code` (no downloaded code runs).
 """
 
+from __future__ import annotations
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_nexus import (

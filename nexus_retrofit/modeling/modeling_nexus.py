@@ -186,7 +186,7 @@ class NexusAttentionMixin:
 
     base_attention_class: type[nn.Module]
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config: transformers.PretrainedConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         nexus = NexusConfig.from_dict(config.nexus)
         self.nexus = nexus
@@ -240,7 +240,9 @@ class NexusAttentionMixin:
         """Cache index of inner level `level` (1-based): after the real layers, one slot per level."""
         return self.config.num_hidden_layers + self.layer_idx * self.nexus.levels + (level - 1)
 
-    def _cache_update(self, cache: Cache, key: torch.Tensor, value: torch.Tensor, slot: int):
+    def _cache_update(
+        self, cache: Cache, key: torch.Tensor, value: torch.Tensor, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`cache.update` for an inner slot, first appending empty layers like the layer's own."""
         layers = getattr(cache, "layers", None)
         if layers is None:
@@ -260,7 +262,17 @@ class NexusAttentionMixin:
                 )
         return cache.update(key, value, slot)
 
-    def _attend(self, q, k, v, attention_mask, cache, slot: int, groups: int, **kwargs):
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        slot: int,
+        groups: int,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One attention kernel call through transformers' dispatch on (B, heads, n, d); returns (B, n, heads, d)."""
         if cache is not None:
             if slot == self.layer_idx:
@@ -312,7 +324,9 @@ class NexusAttentionMixin:
         return module.o_proj(heads)
 
     @staticmethod
-    def _rope_qk(qk: torch.Tensor, q_heads: int, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_qk(
+        qk: torch.Tensor, q_heads: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on query and key heads stacked (B, n, Hq + Hk, d) in one pass; q, k as (B, heads, n, d).
 
         One RoPE instead of one per tensor: fewer kernels per layer. Per element, the base model's
@@ -360,7 +374,15 @@ class NexusAttentionMixin:
         return self.o_proj(out.reshape(*x.shape[:-1], -1).contiguous()), weights
 
     # ---------------------------------------------------------------- separate / shared (Eq. 10-12)
-    def _refined_heads(self, x, cos, sin, attention_mask, cache, **kwargs) -> _Heads:
+    def _refined_heads(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        **kwargs,
+    ) -> _Heads:
         """The outer attention's q/k/v heads, on the inputs refined level by level:
 
         X_p^(0) = X,   X_p^(l) = X + f(g_p) * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1)),   l = 1 .. m-1
@@ -390,7 +412,17 @@ class NexusAttentionMixin:
 
         return _Heads(heads("q"), heads("k"), heads("v"))
 
-    def _inner_attention(self, modules, heads: _Heads, level: int, cos, sin, attention_mask, cache, **kwargs):
+    def _inner_attention(
+        self,
+        modules: list[nn.Module],
+        heads: _Heads,
+        level: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        **kwargs,
+    ) -> dict[str, torch.Tensor]:
         """{p: Inner_p(...)} (B, n, hidden) at one level: the |P| attentions as one kernel call over
         stacked heads (inside each block the GQA grouping is the layer's, so head i of block b reads
         KV head b*Hkv + i // groups), in the level's own cache slot; then each module's o_proj."""
@@ -416,7 +448,15 @@ class NexusAttentionMixin:
         }
 
     # ------------------------------------------------------------------------------ self (Eq. 7-8)
-    def _self_refined_heads(self, x, cos, sin, attention_mask, cache, **kwargs) -> _Heads:
+    def _self_refined_heads(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        **kwargs,
+    ) -> _Heads:
         """The outer heads of the `self` reading: per head, P^(l) = P + f(g_p) * softmax(R(P^(l-1))
         R(P^(l-1))^T s + M) P^(l-1), every refined projection's heads in one kernel call per level."""
         on_x = project_all([self], x, self.head_dim)
@@ -504,7 +544,7 @@ class _NexusModelMixin:
 
     nexus_attention_class: type[nn.Module]
 
-    def __init__(self, config):
+    def __init__(self, config: transformers.PretrainedConfig):
         super().__init__(config)
         decoder = getattr(self, "model", self)  # *ForCausalLM holds the decoder as .model
         for i, layer in enumerate(decoder.layers):
@@ -512,7 +552,7 @@ class _NexusModelMixin:
         self.post_init()
         _start_nexus_parameters(self)
 
-    def _init_weights(self, module):
+    def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, NexusAttentionMixin):
             init_nexus_parameters(module)

@@ -1,5 +1,7 @@
 """`nexus-retrofit train`: TRL SFT from an open-r1-style recipe, baseline or Nexus (see run.py)."""
 
+from __future__ import annotations
+
 from .errors import RecipeError
 from .liger import register_liger
 from .recipe import CONFIG_FILE, NexusScriptArguments, NexusTrainArguments, Recipe, parse_recipe

@@ -16,6 +16,9 @@ from .errors import RecipeError
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, IterableDataset
+    from trl import SFTConfig
+
+    from .recipe import NexusScriptArguments
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +240,7 @@ def check_format(ds: Dataset | IterableDataset, text_field: str, key: str) -> st
 
 
 def load_datasets(
-    script, training
+    script: NexusScriptArguments, training: SFTConfig
 ) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None, str]:
     """Train and (when evaluating) eval datasets for parsed ScriptArguments and SFTConfig, and their format."""
     if script.dataset_mixture:

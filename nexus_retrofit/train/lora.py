@@ -29,6 +29,7 @@ from .errors import RecipeError
 
 if TYPE_CHECKING:
     from peft import LoraConfig
+    from transformers import Trainer, TrainingArguments
     from trl import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def lora_config(model_args: ModelConfig, model: nn.Module) -> LoraConfig | None:
     return config
 
 
-def check_peft_engine(training, use_peft: bool) -> None:
+def check_peft_engine(training: TrainingArguments, use_peft: bool) -> None:
     """Merging the adapters at the end needs every weight whole on every process: not under FSDP/ZeRO-3."""
     if not use_peft:
         return
@@ -155,7 +156,7 @@ def load_gates(model: nn.Module, folder: str | os.PathLike) -> None:
             param.copy_(saved[name].to(param.device, param.dtype))
 
 
-def merge_adapters(trainer) -> None:
+def merge_adapters(trainer: Trainer) -> None:
     """Fold the adapters into the weights, so save_model writes an ordinary (Nexus) checkpoint."""
     if not is_peft_model(trainer.model):
         return

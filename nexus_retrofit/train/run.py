@@ -12,16 +12,31 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..safe_output import OutputError, atomic_write_text, check_output_location
 from .errors import RecipeError
 from .recipe import CONFIG_FILE, Recipe, parse_recipe
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import (
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        Trainer,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+
+    from ..modeling import NexusConfig
+
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 RUN_RECORD = "nexus_train_run.json"  # {"complete": bool, "files": [the final files this run wrote]}
 RECORD_FORMAT = "nexus-retrofit-train/1"
@@ -335,7 +350,7 @@ def finish_output(out: Path, before: dict[str, int], recipe_text: str) -> None:
     atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2))
 
 
-def _on_main_then_share(training, fn):
+def _on_main_then_share(training: TrainingArguments, fn: Callable[[], _T]) -> _T:
     """Run fn on the main process only and give every process its result (or its RecipeError)."""
     state = training.distributed_state
     outcome: list[Any] = [None]
@@ -371,7 +386,7 @@ def _config_header() -> str:
 # --- model and tokenizer -------------------------------------------------------------------------
 
 
-def _torch_dtype(name: str | None):
+def _torch_dtype(name: str | None) -> torch.dtype | str:
     import torch
 
     if name in (None, "auto"):
@@ -401,7 +416,7 @@ def _outside_zero3_init(active: bool) -> Iterator[None]:
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
-def load_model(recipe: Recipe):
+def load_model(recipe: Recipe) -> tuple[PreTrainedModel, NexusConfig | None]:
     """The model to train, converted on the fly when the recipe has a `nexus:` block; and its settings."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -463,7 +478,7 @@ def load_model(recipe: Recipe):
     return model, settings
 
 
-def load_tokenizer(recipe: Recipe, conversational: bool):
+def load_tokenizer(recipe: Recipe, conversational: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     name = recipe.model.model_name_or_path
@@ -488,20 +503,27 @@ def _quiet() -> bool:
     return os.environ.get("NEXUS_RETROFIT_QUIET") == "1"
 
 
-def _progress_without_log_lines(trainer) -> None:
+def _progress_without_log_lines(trainer: Trainer) -> None:
     """Keep the Trainer's progress bar, drop the dict it prints at every logging step (the numbers
     still reach the run's log history, trainer_state.json and any report_to integration)."""
     from transformers.trainer_callback import ProgressCallback
 
     class ProgressBarOnly(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
+        def on_log(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            logs: dict[str, float] | None = None,
+            **kwargs,
+        ) -> None:
             pass
 
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ProgressBarOnly)
 
 
-def _setup_logging(training) -> None:
+def _setup_logging(training: TrainingArguments) -> None:
     """Show this package's progress messages on the main process without touching the root logger."""
     import datasets
     import transformers

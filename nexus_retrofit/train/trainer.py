@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from ..modeling import NexusAttentionMixin
 from ..modeling.names import GATE_MARKER, is_nexus_parameter
 from .errors import RecipeError
 from .lora import is_peft_model, load_gates, save_gates, unfreeze_gates
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +154,14 @@ class NexusPhaseCallback(TrainerCallback):
     def __init__(self, inner_only_steps: int):
         self.inner_only_steps = inner_only_steps
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs,
+    ) -> None:
         if optimizer is None or not state.is_world_process_zero:
             return
         for group in optimizer.param_groups:
@@ -168,7 +179,9 @@ class NexusPhaseCallback(TrainerCallback):
                 self.inner_only_steps,
             )
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
         if (
             self.inner_only_steps
             and state.global_step == self.inner_only_steps
@@ -221,7 +234,7 @@ class NexusSFTTrainer(SFTTrainer):
             load_gates(target, resume_from_checkpoint)
             unfreeze_gates(target)
 
-    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None or not self.nexus_groups:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
@@ -247,7 +260,9 @@ class NexusSFTTrainer(SFTTrainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
         fresh = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         if not (fresh and self.nexus_groups and self.inner_only_steps):
@@ -266,7 +281,12 @@ class NexusSFTTrainer(SFTTrainer):
         scheduler._last_lr = [group["lr"] for group in groups]
         return scheduler
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
         if self.nexus_groups:  # the learning rates this optimizer step will use, for the logs
             lrs: dict[str, float] = {}
             for group in self.optimizer.param_groups:

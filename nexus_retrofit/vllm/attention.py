@@ -21,7 +21,8 @@ Tensors are vLLM's flat token layout: (T, heads * head_dim) for T tokens of the 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +37,9 @@ from vllm.model_executor.models.qwen3 import Qwen3Attention
 from vllm.v1.attention.backend import AttentionType
 
 from ..modeling.configuration_nexus import NexusConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 Projections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -151,7 +155,7 @@ class NexusAttentionMixin:
         gate.weight_loader = self._gate_loader(p, heads_of)  # shard like qkv_proj shards the heads
         return gate
 
-    def _gate_loader(self, p: str, heads_of: str):
+    def _gate_loader(self, p: str, heads_of: str) -> Callable[[nn.Parameter, torch.Tensor], None]:
         qkv = self.qkv_proj
         if heads_of == "q":
             rank = qkv.tp_rank
@@ -240,7 +244,15 @@ class NexusAttentionMixin:
                 refined[p] = self._gated(x, module.o_proj(self._head_gated(heads, p))[0], p)
         return refined
 
-    def _inner_pass(self, positions, module, xq, xk, xv, name: str) -> torch.Tensor:
+    def _inner_pass(
+        self,
+        positions: torch.Tensor,
+        module: nn.Module,
+        xq: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        name: str,
+    ) -> torch.Tensor:
         """Attention of `module` (its q/k/v, the layer's RoPE) on the inputs: heads (T, heads*d), before o_proj."""
         q, k, v = self._project(module, xq, xk, xv)
         q, k = self.rotary_emb(positions, q, k)  # in place on q, k: fresh projections, used once
@@ -305,7 +317,7 @@ class NexusQwen3Attention(_QwenNexusAttention, Qwen3Attention):
 class NexusLlamaAttention(NexusAttentionMixin, LlamaAttention):
     """Llama and Mistral (HF format): built by vLLM's LlamaDecoderLayer through `attn_layer_type`."""
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config: PretrainedConfig, **kwargs):
         super().__init__(config=config, **kwargs)
         self._init_nexus(
             config.nexus, kwargs.get("cache_config"), kwargs.get("quant_config"), kwargs["prefix"]

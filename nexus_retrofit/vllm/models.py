@@ -14,6 +14,7 @@ ordinary causal vLLM `Attention` with its own paged cache).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,8 +33,11 @@ from vllm.transformers_utils.config import set_default_rope_theta
 from ..modeling.configuration_nexus import NexusConfig
 from .attention import NexusLlamaAttention, NexusQwen2Attention, NexusQwen3Attention
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
-def _check_nexus_config(config) -> NexusConfig:
+
+def _check_nexus_config(config: PretrainedConfig) -> NexusConfig:
     if getattr(config, "nexus", None) is None:
         raise ValueError(
             f"{type(config).__name__} has no `nexus` block: not a Nexus checkpoint (convert one with "
@@ -55,7 +59,7 @@ class _NexusQwenDecoderLayer:
 
     def __init__(
         self,
-        config,
+        config: PretrainedConfig,
         cache_config: CacheConfig | None = None,
         quant_config: QuantizationConfig | None = None,
         prefix: str = "",
@@ -76,7 +80,12 @@ class _NexusQwenDecoderLayer:
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     @staticmethod
-    def _attention_kwargs(config, cache_config, quant_config, prefix) -> dict:
+    def _attention_kwargs(
+        config: PretrainedConfig,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> dict:
         return dict(
             nexus=config.nexus,
             hidden_size=config.hidden_size,
@@ -93,13 +102,25 @@ class _NexusQwenDecoderLayer:
 
 
 class NexusQwen2DecoderLayer(_NexusQwenDecoderLayer, Qwen2DecoderLayer):
-    def _attention(self, config, cache_config, quant_config, prefix) -> NexusQwen2Attention:
+    def _attention(
+        self,
+        config: PretrainedConfig,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> NexusQwen2Attention:
         kwargs = self._attention_kwargs(config, cache_config, quant_config, prefix)
         return NexusQwen2Attention(**kwargs, qk_norm=getattr(config, "qk_norm", False))
 
 
 class NexusQwen3DecoderLayer(_NexusQwenDecoderLayer, Qwen3DecoderLayer):
-    def _attention(self, config, cache_config, quant_config, prefix) -> NexusQwen3Attention:
+    def _attention(
+        self,
+        config: PretrainedConfig,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> NexusQwen3Attention:
         kwargs = self._attention_kwargs(config, cache_config, quant_config, prefix)
         return NexusQwen3Attention(
             **kwargs,
@@ -111,7 +132,9 @@ class NexusQwen3DecoderLayer(_NexusQwenDecoderLayer, Qwen3DecoderLayer):
 class NexusLlamaDecoderLayer(LlamaDecoderLayer):
     """vLLM's Llama decoder layer; it takes the attention class as an argument."""
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, prefix: str = "", config: PretrainedConfig | None = None
+    ) -> None:
         _check_nexus_config(config or vllm_config.model_config.hf_config)
         super().__init__(
             vllm_config=vllm_config, prefix=prefix, config=config, attn_layer_type=NexusLlamaAttention
