@@ -14,7 +14,7 @@ DEFAULT_ROOT = Path("runs/experiments")
 
 
 def experiment(
-    name: str = typer.Argument(..., help="Experiment: expressivity, multihop or ablation."),
+    name: str = typer.Argument(..., help="Experiment: expressivity, multihop, retrofit or ablation."),
     quick: bool = typer.Option(False, "--quick", help="Smoke version: under a minute, 1 seed, few steps."),
     seeds: int = typer.Option(
         None, "--seeds", min=1, help="Number of seeds 0..N-1 (default: the experiment's)."

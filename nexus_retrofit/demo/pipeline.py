@@ -22,7 +22,7 @@ from .assets import eval_data_path, sft_data_path, tiny_model_path
 console = Console(stderr=True)
 
 # The demo's SFT recipe; baseline and Nexus share every line but the model they start from.
-# Sized by DESIGN.md section 8: lr 1e-4 (5e-4 caused forgetting), batch 16, completion-only loss.
+# Sized by docs/DESIGN.md §9: lr 1e-4 (5e-4 caused forgetting), batch 16, completion-only loss.
 RECIPE: dict[str, Any] = {
     "learning_rate": 1.0e-4,
     "lr_scheduler_type": "cosine",
@@ -42,6 +42,12 @@ RECIPE: dict[str, Any] = {
 # gate open + inner o_proj at 0: exactly the base model at step 0, and the path trains from step one
 # (a zero gate stayed at |g| ~ 4e-4 here; eval/results/experiments/retrofit/README.md).
 NEXUS = {"order": 2, "projections": "qk", "inner": "separate", "gate": "open", "inner_init": "zero_out"}
+# How the Nexus arm's new parameters train (the recipe's `nexus:` block on the converted model): the
+# inner modules at 3x the learning rate, the gates at 1x. Measured at this recipe (200 steps, 1000 held-out
+# problems): x1 left the path at 0.3-0.9% of ||X||; x3 1-2% with 46/1000 completions changed and accuracy
+# +0.4 +- 0.5 points; x10 3-5% but 2-step -1.2 +- 0.7; x30 -5.4 +- 1.5 on 1-step
+# (eval/results/experiments/retrofit/README.md).
+NEXUS_TRAINING: dict[str, Any] = {"inner_lr_multiplier": 3.0, "gate_lr_multiplier": 1.0}
 LEVEL_TASKS = {1: "arith_1step", 2: "arith_2step"}
 
 
@@ -117,7 +123,9 @@ def _convert(source: Path, target: Path) -> float:
     return diff
 
 
-def _train(name: str, model_path: Path, data: Path, out: Path, max_steps: int) -> tuple[ModelRow, list]:
+def _train(
+    name: str, model_path: Path, data: Path, out: Path, max_steps: int, nexus: dict[str, Any] | None = None
+) -> tuple[ModelRow, list]:
     import torch
 
     from ..train import run_training
@@ -131,6 +139,7 @@ def _train(name: str, model_path: Path, data: Path, out: Path, max_steps: int) -
         "dataset_name": str(data),
         "output_dir": str(out / "runs" / name),
         "dtype": "float32",
+        **({"nexus": nexus} if nexus else {}),
     }
     console.rule(f"[bold]SFT: {name}")
     result = run_training(recipe)
@@ -286,7 +295,7 @@ def _run_demo(output_dir: Path, max_steps: int, eval_limit: int | None) -> Path:
 
     pretrained = ModelRow(name="pretrained (no SFT)", path=str(base))
     baseline, baseline_losses = _train("baseline-sft", base, paths["sft"], output_dir, max_steps)
-    nexus, nexus_losses = _train("nexus-sft", nexus_init, paths["sft"], output_dir, max_steps)
+    nexus, nexus_losses = _train("nexus-sft", nexus_init, paths["sft"], output_dir, max_steps, NEXUS_TRAINING)
     rows = [pretrained, baseline, nexus]
     for row in rows:
         _evaluate(row, output_dir)
@@ -304,9 +313,11 @@ def _run_demo(output_dir: Path, max_steps: int, eval_limit: int | None) -> Path:
     summary = [
         "# nexus-retrofit demo: baseline SFT vs Nexus SFT (the paper's Table 3, in miniature)",
         "",
-        f"Tiny Qwen2 ({base}), converted with {NEXUS} (max |logit diff| after conversion: {diff:.2e}); both SFT runs "
-        f"share one recipe: {json.dumps({k: RECIPE[k] for k in ('learning_rate', 'per_device_train_batch_size')})}, "
-        f"{max_steps} steps. Held-out problems, greedy, graded by math-verify (pass@1 ± standard error).",
+        f"Tiny Qwen2 ({base.name}), converted with {NEXUS} (max |logit diff| after conversion: {diff:.2e}); "
+        f"both SFT runs share one recipe: "
+        f"{json.dumps({k: RECIPE[k] for k in ('learning_rate', 'per_device_train_batch_size')})}, {max_steps} steps; "
+        f"the Nexus run's new parameters train with {NEXUS_TRAINING}. Held-out problems, greedy, graded by "
+        "math-verify (pass@1 ± standard error).",
         "",
         table,
         "",
@@ -323,6 +334,7 @@ def _run_demo(output_dir: Path, max_steps: int, eval_limit: int | None) -> Path:
         json.dumps(
             {
                 "nexus": NEXUS,
+                "nexus_training": NEXUS_TRAINING,
                 "recipe": {**RECIPE, "max_steps": max_steps},
                 "conversion_max_logit_diff": diff,
                 "rows": [asdict(r) for r in rows],
