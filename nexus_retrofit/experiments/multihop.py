@@ -139,7 +139,15 @@ class PointerModel(nn.Module):
         x = torch.cat([x, self.query(query)[:, None]], dim=1)  # (B, K+1, d): the query comes last
         n = x.shape[1]
         positions = torch.arange(n) if self.fmt.positions == "rope" else torch.zeros(n, dtype=torch.long)
-        out = self.lm(inputs_embeds=x, position_ids=positions.expand(x.shape[0], n), logits_to_keep=1)
+        # An explicit all-ones mask: without one, transformers reads position_ids that restart at 0 as
+        # packed sequences and lets each token attend only to itself.
+        mask = torch.ones(x.shape[:2], dtype=torch.long)
+        out = self.lm(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=positions.expand(x.shape[0], n),
+            logits_to_keep=1,
+        )
         return out.logits[:, -1]  # (B, K)
 
 

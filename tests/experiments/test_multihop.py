@@ -79,3 +79,14 @@ def test_quick_run_writes_sane_outputs(tmp_path):
                 assert 0.0 <= r["final_accuracy"] <= 1.0 and r["final_loss"] > 0
                 assert r["curve"][0][0] == 0 and r["curve"][-1][0] == results["settings"]["steps"]
     assert "params" in out.markdown_path.read_text()
+
+
+@pytest.mark.parametrize("fmt", list(M.FORMATS))
+def test_the_query_reads_the_edges(fmt):
+    # guards against a mask that lets each token see only itself (e.g. position_ids read as packing)
+    torch.manual_seed(0)
+    model = M.build(M.Settings(), 1, "separate", fmt=M.FORMATS[fmt]).eval()
+    edges, query, _ = M.make_batch(8, 2, torch.Generator().manual_seed(1))
+    other, _, _ = M.make_batch(8, 2, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert not torch.allclose(model(edges, query), model(other, query), atol=1e-6)
