@@ -38,7 +38,7 @@ from .common import (
     set_seed,
     write_outputs,
 )
-from .multihop import FORMATS, accuracy, build, count_parameters, make_batch, target_parameters
+from .multihop import FORMATS, accuracy, build, count_parameters, make_batch, train_one
 from .multihop import Settings as TaskSettings
 
 NAME = "retrofit"
@@ -63,7 +63,7 @@ class Settings:
     finetune_steps: int = 1500
     finetune_lr: float = 1e-3
     eval_every: int = 100
-    seeds: int = 3
+    seeds: int = 5
     mechanics: tuple[str, ...] = tuple(MECHANICS)
 
 
@@ -138,14 +138,9 @@ def _summary(model: nn.Module, curve, started: float) -> dict[str, Any]:
 
 
 def scratch(settings: Settings, variant: str, seed: int, eval_data) -> dict[str, Any]:
-    """Positive control: a 1-layer model of `variant` trained from scratch at the task's lr."""
-    fmt, task = FORMATS[settings.format], settings.task
-    set_seed(seed)
-    model = build(task, 1, variant, target_parameters(task, 1, fmt), fmt)
-    started = time.time()
-    gen = torch.Generator().manual_seed(1_000 + seed)
-    curve = train(model, settings.scratch_steps, task.lr, gen, eval_data, settings.eval_every)
-    return _summary(model, curve, started)
+    """Positive control: `multihop`'s 1-layer run of `variant` in this format (same init and batches)."""
+    task = dataclasses.replace(settings.task, steps=settings.scratch_steps, eval_every=settings.eval_every)
+    return train_one(task, 1, variant, seed, eval_data, FORMATS[settings.format])
 
 
 def retrofit_seed(settings: Settings, seed: int, eval_data) -> dict[str, Any]:
