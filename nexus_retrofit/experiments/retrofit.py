@@ -188,10 +188,17 @@ def retrofit_seed(settings: Settings, seed: int, eval_data) -> dict[str, Any]:
 
 
 def run(
-    output_dir: Path, quick: bool = False, seeds: int | None = None, threads: int = 1
+    output_dir: Path,
+    quick: bool = False,
+    seeds: int | None = None,
+    threads: int = 1,
+    settings: Settings | None = None,
 ) -> ExperimentOutput:
-    """Positive control, then the retrofit per mechanic, for `seeds` seeds; write JSON, markdown, PNG."""
-    settings = QUICK if quick else Settings()
+    """Positive control, then the retrofit per mechanic, for `seeds` seeds; write JSON, markdown, PNG.
+
+    `settings` replaces the full run's (e.g. another task format); `quick` is ignored then.
+    """
+    settings = settings or (QUICK if quick else Settings())
     if seeds is not None:
         settings = dataclasses.replace(settings, seeds=seeds)
     limit_threads(threads)
