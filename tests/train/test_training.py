@@ -121,7 +121,8 @@ def test_inner_only_steps_freeze_the_base_weights(recipe, tiny_model_dir, tmp_pa
     after = _weights(longer.output_dir)
     assert all(not torch.equal(after[k], start[k]) for k in base), "base weights train after the warm-up"
     lrs = [(e["learning_rate"], e["learning_rate_nexus"]) for e in longer.log_history if "loss" in e]
-    assert lrs == [(0.0, 3e-3)] * 3 + [(3e-3, 3e-3)] * 2
+    inner = pytest.approx(3 * 3e-3)  # the default inner_lr_multiplier, 3
+    assert lrs == [(0.0, inner)] * 3 + [(3e-3, inner)] * 2
 
 
 def test_gradient_checkpointing_gives_the_same_losses(recipe, tmp_path):
