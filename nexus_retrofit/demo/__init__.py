@@ -5,6 +5,8 @@ the package ships a small pretrained checkpoint (rebuilt by `scripts/build_tiny_
 generated SFT and held-out sets (`python -m nexus_retrofit.demo.arithmetic`).
 """
 
+from __future__ import annotations
+
 from .assets import eval_data_path, sft_data_path, tiny_model_path
 
 __all__ = ["eval_data_path", "sft_data_path", "tiny_model_path"]

@@ -8,11 +8,15 @@ math-verify instead; on integer answers the two agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..evaluation.answers import last_boxed
 from .arithmetic import MATH_PROMPT
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def is_correct(completion: str, answer: str) -> bool:
@@ -26,7 +30,11 @@ def is_correct(completion: str, answer: str) -> bool:
 
 @torch.no_grad()
 def greedy_completions(
-    model, tokenizer, problems: Sequence[str], batch_size: int = 100, max_new_tokens: int = 80
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[str],
+    batch_size: int = 100,
+    max_new_tokens: int = 80,
 ) -> list[str]:
     """Greedy completions of the chat-templated math prompt, batched with left padding."""
     side = tokenizer.padding_side
@@ -58,7 +66,9 @@ def greedy_completions(
     return completions
 
 
-def greedy_accuracy(model, tokenizer, rows: Sequence[dict], batch_size: int = 100) -> float:
+def greedy_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], batch_size: int = 100
+) -> float:
     """Fraction of MATH-schema `rows` whose greedy completion boxes the right integer."""
     if not rows:
         raise ValueError("no rows to score")

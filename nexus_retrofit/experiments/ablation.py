@@ -25,7 +25,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import (
     ExperimentOutput,
@@ -36,6 +36,11 @@ from .common import (
     set_seed,
     write_outputs,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 NAME = "ablation"
 
@@ -82,7 +87,7 @@ def _eval_rows(settings: Settings) -> dict[int, list[dict]]:
     }
 
 
-def encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     """Chat-templated ids of (user prompt, assistant completion) and labels (-100 on the prompt)."""
     user = [{"role": "user", "content": prompt}]
     p = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
@@ -96,7 +101,9 @@ def encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int
     return f_ids, [-100] * len(p_ids) + f_ids[len(p_ids) :]
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad: int):
+def collate(
+    examples: list[tuple[list[int], list[int]]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels (B, T)."""
     import torch
 
@@ -109,7 +116,13 @@ def collate(examples: list[tuple[list[int], list[int]]], pad: int):
     return ids, mask, labels
 
 
-def completion_loss(model, ids, mask, labels, reduction: str = "mean"):
+def completion_loss(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Cross-entropy of the next token on the labelled (assistant) positions."""
     import torch
 
@@ -124,7 +137,9 @@ def completion_loss(model, ids, mask, labels, reduction: str = "mean"):
 
 
 # ------------------------------------------------------------------------------------ measuring
-def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 100) -> float:
+def heldout_loss(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], batch_size: int = 100
+) -> float:
     """Mean cross-entropy per assistant token (solution + end of turn) of the held-out rows."""
     import torch
 
@@ -141,7 +156,12 @@ def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int = 100) -> f
     return total / count
 
 
-def score(model, tokenizer, rows: dict[int, list[dict]], settings: Settings) -> dict[str, float]:
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: dict[int, list[dict]],
+    settings: Settings,
+) -> dict[str, float]:
     """Greedy accuracy per level and held-out loss, in float32."""
     from ..demo.scoring import greedy_accuracy
 
@@ -155,7 +175,7 @@ def score(model, tokenizer, rows: dict[int, list[dict]], settings: Settings) -> 
     return out
 
 
-def load_row(name: str, seed: int):
+def load_row(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The tiny base model, converted for `name` (new parameters drawn from `seed`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,7 +194,9 @@ def load_row(name: str, seed: int):
     return model, tokenizer
 
 
-def sft(model, tokenizer, settings: Settings, seed: int) -> dict[str, Any]:
+def sft(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings, seed: int
+) -> dict[str, Any]:
     """The same SFT for every row: the demo's two-step rows in a seeded order, AdamW, cosine schedule."""
     import torch
     from transformers import get_cosine_schedule_with_warmup
@@ -323,7 +345,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_plot(results: dict[str, Any]):
+def render_plot(results: dict[str, Any]) -> Figure:
     plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
     names = list(results["runs"])

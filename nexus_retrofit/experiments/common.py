@@ -18,7 +18,11 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_ROOT = Path("eval/results/experiments")
 
@@ -109,7 +113,7 @@ def write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """Save a matplotlib figure atomically as PNG and close it."""
     import io
 
@@ -121,7 +125,7 @@ def save_figure(fig, path: Path) -> None:
     _atomic_write_bytes(path, buf.getvalue())
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the non-interactive Agg backend (no display on these machines)."""
     import matplotlib
 
@@ -132,7 +136,7 @@ def pyplot():
 
 
 def write_outputs(
-    name: str, output_dir: Path, results: dict[str, Any], markdown: str, fig
+    name: str, output_dir: Path, results: dict[str, Any], markdown: str, fig: Figure
 ) -> ExperimentOutput:
     """Write results.json, results.md and <name>.png into output_dir."""
     output_dir = Path(output_dir)

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +44,9 @@ from .common import (
     write_outputs,
 )
 from .layers import QK_VARIANTS, MixerSpec, NexusMixer, count_parameters
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 NAME = "expressivity"
 
@@ -122,7 +125,9 @@ def lowrank_target(settings: Settings, gen: torch.Generator) -> Target:
     return Target("lowrank", x, log_a, x, log_a)
 
 
-def _context_tokens(settings: Settings, batch: int, gen: torch.Generator, cue: bool):
+def _context_tokens(
+    settings: Settings, batch: int, gen: torch.Generator, cue: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens x = [one-hot of the token type (colour, is-cue), zeros]; returns x (B, n, d), colours (B, n), cue index (B,).
 
     One-hot types make every token-wise function of a token linear in x, so on these targets the
@@ -394,7 +399,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_plot(results: dict[str, Any]):
+def render_plot(results: dict[str, Any]) -> Figure:
     plt = pyplot()
     targets = list(results["targets"])
     fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)

@@ -109,11 +109,15 @@ class HeadAttention(nn.Module):
         """(B, h, n, d) -> (B, n, h*d)."""
         return x.transpose(-2, -3).reshape(*x.shape[:-3], x.shape[-2], -1)
 
-    def heads(self, xq, xk, xv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def heads(
+        self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K, V heads (B, h, n, d)."""
         return self.split(self.q_proj(xq)), self.split(self.k_proj(xk)), self.split(self.v_proj(xv))
 
-    def forward(self, xq, xk=None, xv=None) -> torch.Tensor:
+    def forward(
+        self, xq: torch.Tensor, xk: torch.Tensor | None = None, xv: torch.Tensor | None = None
+    ) -> torch.Tensor:
         xk = xq if xk is None else xk
         xv = xq if xv is None else xv
         out, _ = attend(*self.heads(xq, xk, xv), self.causal)

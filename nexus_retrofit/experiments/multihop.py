@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ from .common import (
     set_seed,
     write_outputs,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 NAME = "multihop"
 
@@ -221,7 +224,12 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def train_one(
-    settings: Settings, depth: int, variant: str, seed: int, eval_data, fmt: Format = Format()
+    settings: Settings,
+    depth: int,
+    variant: str,
+    seed: int,
+    eval_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    fmt: Format = Format(),
 ) -> dict[str, Any]:
     """Adam on fresh batches (no data reuse); held-out accuracy every eval_every steps."""
     target = target_parameters(settings, depth, fmt)
@@ -330,7 +338,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_plot(results: dict[str, Any]):
+def render_plot(results: dict[str, Any]) -> Figure:
     plt = pyplot()
     depths = list(results["runs"])
     fig, axes = plt.subplots(1, len(depths), figsize=(5.2 * len(depths), 3.8), squeeze=False, sharey=True)

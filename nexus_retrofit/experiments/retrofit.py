@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from .common import (
 )
 from .multihop import FORMATS, accuracy, build, count_parameters, make_batch, train_one
 from .multihop import Settings as TaskSettings
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 NAME = "retrofit"
 
@@ -90,7 +93,7 @@ def _optimizer(model: nn.Module, lr: float, gate_multiplier: float) -> torch.opt
     return torch.optim.Adam(groups, lr=lr)
 
 
-def _probe(model: nn.Module, eval_data) -> dict[str, Any]:
+def _probe(model: nn.Module, eval_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     """Path strength per projection (mean over layers) and |f(g)| on the held-out batch (Nexus only)."""
     from ..train.trainer import gate_statistics, path_strength, set_path_probes
 
@@ -106,7 +109,7 @@ def train(
     steps: int,
     lr: float,
     gen: torch.Generator,
-    eval_data,
+    eval_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     every: int,
     gate_multiplier: float = 1.0,
 ) -> list[tuple[int, float, float]]:
@@ -127,7 +130,7 @@ def train(
     return curve
 
 
-def _summary(model: nn.Module, curve, started: float) -> dict[str, Any]:
+def _summary(model: nn.Module, curve: list[tuple[int, float, float]], started: float) -> dict[str, Any]:
     return {
         "parameters": count_parameters(model),
         "final_accuracy": curve[-1][1],
@@ -137,13 +140,17 @@ def _summary(model: nn.Module, curve, started: float) -> dict[str, Any]:
     }
 
 
-def scratch(settings: Settings, variant: str, seed: int, eval_data) -> dict[str, Any]:
+def scratch(
+    settings: Settings, variant: str, seed: int, eval_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> dict[str, Any]:
     """Positive control: `multihop`'s 1-layer run of `variant` in this format (same init and batches)."""
     task = dataclasses.replace(settings.task, steps=settings.scratch_steps, eval_every=settings.eval_every)
     return train_one(task, 1, variant, seed, eval_data, FORMATS[settings.format])
 
 
-def retrofit_seed(settings: Settings, seed: int, eval_data) -> dict[str, Any]:
+def retrofit_seed(
+    settings: Settings, seed: int, eval_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> dict[str, Any]:
     """Pretrain a standard model; continue it, and convert + fine-tune it per mechanic."""
     from ..converter import convert
     from ..modeling import NexusConfig
@@ -298,7 +305,7 @@ def _secs(runs: list[dict[str, Any]]) -> str:
     return f"{sum(r['seconds'] for r in runs) / len(runs):.0f}"
 
 
-def render_plot(results: dict[str, Any]):
+def render_plot(results: dict[str, Any]) -> Figure:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.8), sharey=True)
     panels = [("from scratch", results["scratch"]), ("after standard pretraining", _arms_by_name(results))]
