@@ -7,7 +7,7 @@ transformers and the standard library: a checkpoint must load where nexus_retrof
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import transformers
 
@@ -216,10 +216,16 @@ def _auto_map(family: str) -> dict[str, str]:
     }
 
 
+@dataclasses.dataclass(kw_only=True, repr=False, eq=False)
 class _NexusConfigMixin:
-    """Validates the `nexus` block and points `auto_map` at the bundled modeling code."""
+    """The fields every Nexus config adds to its family's; validates the `nexus` block and points
+    `auto_map` at the bundled modeling code. A dataclass, so each family's config (a dataclass by
+    transformers' `__init_subclass__`) takes these fields from it."""
 
-    nexus_family: str
+    nexus_family: ClassVar[str]
+    nexus: dict | None = None  # the NexusConfig settings, as a plain dict (config.json)
+    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
+    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
     def __post_init__(self, **kwargs):
         self.nexus = NexusConfig.from_saved(self.nexus).to_dict()
@@ -239,36 +245,24 @@ class _NexusConfigMixin:
 class NexusQwen2Config(_NexusConfigMixin, Qwen2Config):
     model_type = "nexus_qwen2"
     nexus_family = "Qwen2"
-    nexus: dict | None = None
-    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
-    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
 
 @strict
 class NexusLlamaConfig(_NexusConfigMixin, LlamaConfig):
     model_type = "nexus_llama"
     nexus_family = "Llama"
-    nexus: dict | None = None
-    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
-    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
 
 @strict
 class NexusMistralConfig(_NexusConfigMixin, MistralConfig):
     model_type = "nexus_mistral"
     nexus_family = "Mistral"
-    nexus: dict | None = None
-    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
-    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
 
 @strict
 class NexusQwen3Config(_NexusConfigMixin, Qwen3Config):
     model_type = "nexus_qwen3"
     nexus_family = "Qwen3"
-    nexus: dict | None = None
-    base_model: str | None = None  # what it was converted from (Hub id or path), for model cards
-    nexus_tested_transformers: str | None = None  # set on every save: see TESTED_TRANSFORMERS
 
 
 for _cls in (NexusQwen2Config, NexusLlamaConfig, NexusMistralConfig, NexusQwen3Config):

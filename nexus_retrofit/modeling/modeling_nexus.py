@@ -535,21 +535,24 @@ class NexusQwen3Attention(NexusAttentionMixin, Qwen3Attention):
 
 # ----------------------------------------------------------------------------------- models
 class _NexusModelMixin:
-    """The family's model with each decoder layer's attention replaced by its Nexus attention.
+    """The family's model with every decoder layer's attention a Nexus attention.
 
-    Subclass, don't fork: the family's __init__ builds its own decoder layers, so the attention is
-    swapped right after it, and post_init runs again, initialising only the new modules (transformers
-    skips modules it has already initialised). Then gates and a zero_out o_proj get their start values.
+    Subclass, don't fork: the family's __init__ builds its decoder layers and ends in `post_init`, so
+    that is where the Nexus attention goes in, once, before any weight is initialised (under
+    from_pretrained the stock attention it replaces was only ever built on the meta device). After the
+    init pass, gates and a zero_out o_proj get their start values.
     """
 
     nexus_attention_class: type[nn.Module]
 
-    def __init__(self, config: transformers.PretrainedConfig):
-        super().__init__(config)
+    def post_init(self) -> None:
         decoder = getattr(self, "model", self)  # *ForCausalLM holds the decoder as .model
+        if any(isinstance(layer.self_attn, NexusAttentionMixin) for layer in decoder.layers):
+            super().post_init()  # called again later (not by the family): never rebuild or re-start
+            return
         for i, layer in enumerate(decoder.layers):
-            layer.self_attn = self.nexus_attention_class(config, i)
-        self.post_init()
+            layer.self_attn = self.nexus_attention_class(self.config, i)
+        super().post_init()
         _start_nexus_parameters(self)
 
     def _init_weights(self, module: nn.Module) -> None:

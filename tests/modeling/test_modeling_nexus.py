@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from nexus_retrofit import NexusConfig, convert
+from nexus_retrofit.modeling import modeling_nexus
 from tests.conftest import FAMILIES, perturb_nexus, tiny_base_model
 
 INNERS = ("separate", "shared", "self")
@@ -325,3 +326,48 @@ def test_an_unrefined_projection_runs_once_per_layer_at_every_order(inner, modul
         model(torch.randint(1, 101, (1, 9)))
     layers = model.config.num_hidden_layers
     assert sum(c.endswith(module) for c in calls) == layers  # V of X: shared by both levels (and the outer)
+
+
+# 9. model classes: each Nexus attention is built once, before the one init pass -----------------
+MODEL_CLASS_CASES = [
+    pytest.param(family, bare, id=f"{family}-{'Model' if bare else 'ForCausalLM'}")
+    for family in FAMILIES
+    for bare in (False, True)
+]
+
+
+@pytest.mark.parametrize("family,bare", MODEL_CLASS_CASES)
+def test_model_class_builds_each_nexus_attention_once(family, bare, monkeypatch):
+    converted = convert(tiny_base_model(family), NexusConfig(order=2, gate="open", inner_init="zero_out"))
+    causal_cls = type(converted)
+    model_cls = (
+        getattr(modeling_nexus, causal_cls.__name__.replace("ForCausalLM", "Model")) if bare else causal_cls
+    )
+    attention_cls = model_cls.nexus_attention_class
+    built, inits = [], []
+    original_init = attention_cls.__init__
+    monkeypatch.setattr(
+        attention_cls, "__init__", lambda self, *a, **k: built.append(1) or original_init(self, *a, **k)
+    )
+    original_init_weights = model_cls.init_weights
+    monkeypatch.setattr(
+        model_cls, "init_weights", lambda self: inits.append(1) or original_init_weights(self)
+    )
+
+    model = model_cls(converted.config)
+
+    layers = converted.config.num_hidden_layers
+    decoder = model if bare else model.model
+    assert len(built) == layers and len(inits) == 1
+    assert all(isinstance(layer.self_attn, attention_cls) for layer in decoder.layers)
+    assert all(float(g.min()) == float(g.max()) == 1.0 for n, g in model.named_parameters() if ".gates." in n)
+    assert all(
+        float(p.abs().max()) == 0.0 for n, p in model.named_parameters() if ".inner." in n and "o_proj" in n
+    )
+
+
+def test_post_init_called_again_never_rebuilds_the_attention():
+    model = convert(tiny_base_model("qwen2"), NexusConfig(order=2))
+    attentions = [layer.self_attn for layer in model.model.layers]
+    model.post_init()
+    assert [layer.self_attn for layer in model.model.layers] == attentions
