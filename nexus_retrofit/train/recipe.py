@@ -16,6 +16,7 @@ import difflib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,25 +233,90 @@ def _load(recipe: dict | str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _split_cli(overrides: list[str]) -> list[tuple[str, str | None]]:
-    """['--a', '1', '--b=2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', None)]."""
-    pairs: list[tuple[str, str | None]] = []
-    i = 0
-    while i < len(overrides):
-        token = overrides[i]
-        if not token.startswith("--") or len(token) == 2:
-            raise RecipeError(f"override {token!r} is not of the form --key value")
-        key, eq, value = token[2:].partition("=")
-        if eq:
-            pairs.append((key, value))
-            i += 1
-        elif i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
-            pairs.append((key, overrides[i + 1]))
-            i += 2
-        else:
-            pairs.append((key, None))  # a bare flag: true
-            i += 1
-    return pairs
+class _RenamedOption(argparse.Action):
+    """`--OLD value` for an open-r1 name that transformers/TRL renamed: stored as the new field, noted."""
+
+    def __init__(self, *args: Any, notes: list[str], fields: set[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.notes, self.fields = notes, fields
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        _canonical(str(option)[2:], self.fields, self.notes, values)  # the note, and warmup_ratio's range
+        setattr(namespace, self.dest, values)
+
+
+def _typed(name: str, kind: type) -> Callable[[str], Any]:
+    """An argparse type for `--nexus.NAME`, failing with the message the recipe's own check gives."""
+
+    def convert(raw: str) -> Any:
+        try:
+            return kind(raw)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"nexus.{name} must be {what}, got {raw!r}") from None
+
+    return convert
+
+
+NEXUS_OPTION_TYPES = {
+    "order": int,
+    "inner_only_steps": int,
+    "inner_lr_multiplier": float,
+    "gate_lr_multiplier": float,
+}
+
+
+def _command_line_parser(fields: set[str], notes: list[str]) -> TrlParser:
+    """TrlParser over TRL's three dataclasses, taught the recipe's own command-line forms:
+    `--nexus.KEY VALUE` (one per nexus setting, typed), `--nexus none` (the baseline from a Nexus
+    recipe), and open-r1's old names for renamed fields. argparse does all the parsing."""
+    parser = TrlParser(DATACLASSES, allow_abbrev=False, exit_on_error=False)
+    for f in dataclasses.fields(NexusTrainArguments):
+        kind = NEXUS_OPTION_TYPES.get(f.name)
+        parser.add_argument(
+            f"--nexus.{f.name}",
+            dest=f"nexus.{f.name}",
+            type=_typed(f.name, kind) if kind else str,
+            default=argparse.SUPPRESS,
+            help=f.metadata.get("help"),
+        )
+    parser.add_argument(
+        "--nexus",
+        type=str.lower,
+        choices=("none", "null", "false"),
+        default=argparse.SUPPRESS,
+        help="Run the standard-SFT baseline from a Nexus recipe (set single settings with --nexus.KEY VALUE).",
+    )
+    field_actions = {action.dest: action for action in parser._actions}
+    for old, (new, _) in RENAMED.items():
+        if old not in fields and new in fields:
+            target = field_actions[new]
+            parser.add_argument(
+                f"--{old}",
+                dest=new,
+                type=target.type,
+                nargs=target.nargs,
+                const=target.const,
+                choices=target.choices,
+                default=argparse.SUPPRESS,
+                action=_RenamedOption,
+                notes=notes,
+                fields=fields,
+            )
+    return parser
+
+
+_UNSET = object()
+
+
+def _given(parser: TrlParser, argv: list[str]) -> list[str]:
+    """The destinations the command line sets, as argparse reads it (a namespace pre-filled with a
+    marker keeps argparse from writing the defaults)."""
+    probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != argparse.SUPPRESS})
+    namespace, _ = parser.parse_known_args(argv, namespace=probe)
+    return [dest for dest, value in vars(namespace).items() if value is not _UNSET]
 
 
 def _canonical(key: str, fields: set[str], notes: list[str], value: Any = None) -> str:
@@ -292,23 +358,6 @@ def _unknown(keys: list[str], fields: set[str]) -> None:
         raise RecipeError(
             "unknown recipe key(s): " + "; ".join(problems) + ". Remove them or fix the spelling."
         )
-
-
-def _nexus_value(name: str, raw: str | None) -> Any:
-    """Convert a `--nexus.key value` string to the field's type."""
-    if raw is None:
-        raise RecipeError(f"--nexus.{name} needs a value")
-    if name in ("order", "inner_only_steps"):
-        try:
-            return int(raw)
-        except ValueError:
-            raise RecipeError(f"nexus.{name} must be an integer, got {raw!r}") from None
-    if name in ("inner_lr_multiplier", "gate_lr_multiplier"):
-        try:
-            return float(raw)
-        except ValueError:
-            raise RecipeError(f"nexus.{name} must be a number, got {raw!r}") from None
-    return raw
 
 
 def _nexus_block(block: Any, overrides: dict[str, Any]) -> NexusTrainArguments | None:
@@ -363,35 +412,29 @@ def _check_steps(training: SFTConfig) -> None:
 
 
 def _collect(
-    raw: dict[str, Any], overrides: list[str] | dict[str, Any] | None, fields: set[str], notes: list[str]
-) -> tuple[dict[str, Any], list[tuple[str, str | None]], dict[str, Any]]:
-    """Recipe + overrides -> (typed settings, command-line strings, nexus overrides), canonical names."""
+    raw: dict[str, Any], overrides: dict[str, Any] | None, fields: set[str], notes: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Recipe + mapping overrides -> (settings, nexus overrides), canonical names."""
     config = {_canonical(str(key), fields, notes, value): value for key, value in raw.items()}
-    cli: list[tuple[str, str | None]] = []
     nexus_overrides: dict[str, Any] = {}
-    if isinstance(overrides, dict):
-        for key, value in overrides.items():
-            key = _canonical(str(key), fields, notes, value)
-            if key == "nexus" and isinstance(value, dict) and isinstance(config.get("nexus"), dict):
-                nexus_overrides.update(value)
-            elif key.startswith("nexus."):
-                nexus_overrides[key[len("nexus.") :]] = value
-            else:
-                config[key] = value
-        return config, cli, nexus_overrides
-    for key, value in _split_cli(list(overrides or [])):
-        key = _canonical(key, fields, notes, value)
-        if key.startswith("nexus."):
-            nexus_overrides[key[len("nexus.") :]] = _nexus_value(key[len("nexus.") :], value)
-        elif key == "nexus":
-            if value is None or value.lower() not in ("none", "null", "false"):
-                raise RecipeError(
-                    "--nexus takes no block on the command line: use --nexus.KEY VALUE, or --nexus none"
-                )
-            config["nexus"] = None  # run the baseline from a Nexus recipe
+    for key, value in (overrides or {}).items():
+        key = _canonical(str(key), fields, notes, value)
+        if key == "nexus" and isinstance(value, dict) and isinstance(config.get("nexus"), dict):
+            nexus_overrides.update(value)
+        elif key.startswith("nexus."):
+            nexus_overrides[key[len("nexus.") :]] = value
         else:
-            cli.append((key, value))
-    return config, cli, nexus_overrides
+            config[key] = value
+    return config, nexus_overrides
+
+
+def _check_leftovers(remaining: list[str], fields: set[str]) -> None:
+    """What argparse could not place: unknown keys (with a suggestion), or a stray value."""
+    keys = [token[2:].partition("=")[0] for token in remaining if token.startswith("--")]
+    if keys:
+        _unknown(keys, fields)
+    if remaining:
+        raise RecipeError(f"override {remaining[0]!r} is not of the form --key value")
 
 
 def parse_recipe(
@@ -400,50 +443,56 @@ def parse_recipe(
 ) -> Recipe:
     """Parse a recipe (YAML path or mapping) and overrides into a validated Recipe.
 
-    `overrides` is a list of command-line strings (`--key value`, `--key=value`, `--flag`,
-    `--nexus.order 3`) or a mapping of typed values (`{"max_steps": 5, "nexus": {...}}`); they win
-    over the recipe. Raises RecipeError naming the key on any problem.
+    As in open-r1's `sft.py`, the recipe's settings become TrlParser's defaults and the command line
+    is parsed over them. `overrides` is a list of command-line strings (`--key value`, `--key=value`,
+    `--flag`, `--nexus.order 3`, `--nexus none`) or a mapping of typed values (`{"max_steps": 5,
+    "nexus": {...}}`); they win over the recipe. Raises RecipeError naming the key on any problem.
     """
     fields = _field_names()
     notes: list[str] = []
-    config, cli, nexus_overrides = _collect(_load(recipe), overrides, fields, notes)
-
-    _unknown([k for k in [*config, *(k for k, _ in cli)] if k not in fields and k not in RESERVED], fields)
-    cli_values = dict(cli)
-    for key, why in UNSUPPORTED.items():
-        value = (cli_values[key] or "true") if key in cli_values else config.get(key)
-        if value not in (None, False) and str(value).lower() not in ("false", "0", "no"):
-            raise RecipeError(f"{key} is not supported by nexus-retrofit train: {why}")
-
-    nexus = _nexus_block(config.pop("nexus", None), nexus_overrides)
+    argv = [str(token) for token in overrides] if isinstance(overrides, (list, tuple)) else []
+    mapping = overrides if isinstance(overrides, dict) else None
+    config, nexus_overrides = _collect(_load(recipe), mapping, fields, notes)
+    _unknown([k for k in config if k not in fields and k not in RESERVED], fields)
+    nexus_block = config.pop("nexus", None)
     env = config.pop("env", None)
     if env is not None and not isinstance(env, dict):
         raise RecipeError(f"env must be a mapping of environment variables, got {env!r}")
 
-    parser = TrlParser(DATACLASSES, allow_abbrev=False, exit_on_error=False)
+    parser = _command_line_parser(fields, notes)
     leftover = parser.set_defaults_with_config(**config)
     if leftover:  # should have been caught above
         _unknown([leftover[i][2:] for i in range(0, len(leftover), 2)], fields)
-    argv = [item for key, value in cli for item in ((f"--{key}",) if value is None else (f"--{key}", value))]
     try:
-        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        given = _given(parser, argv)
+        *outputs, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except RecipeError:
         raise
     except argparse.ArgumentError as e:  # a value of the wrong type, from the recipe or the command line
         raise RecipeError(f"invalid recipe value: {e}") from None
     except (ValueError, TypeError) as e:  # a dataclass rejected a value (e.g. an unknown lr_scheduler_type)
         raise RecipeError(f"invalid recipe value: {e}") from None
-    if remaining:
-        _unknown([r[2:] for r in remaining if r.startswith("--")], fields)
-    script, training, model = parsed
+    _check_leftovers(remaining, fields)
+    script, training, model = outputs[:3]
+    command_line = vars(outputs[3]) if len(outputs) > 3 else {}  # the --nexus options
+    nexus_overrides.update({k[len("nexus.") :]: v for k, v in command_line.items() if k.startswith("nexus.")})
+    if "nexus" in command_line:
+        if nexus_overrides:
+            raise RecipeError("--nexus none runs the baseline: leave out the --nexus.KEY overrides")
+        nexus_block = None
+    nexus = _nexus_block(nexus_block, nexus_overrides)
+    for key, why in UNSUPPORTED.items():
+        if getattr(model, key, None):
+            raise RecipeError(f"{key} is not supported by nexus-retrofit train: {why}")
 
+    explicit = list(dict.fromkeys([*config, *(dest for dest in given if dest in fields)]))
     if not model.model_name_or_path:
         raise RecipeError("model_name_or_path is required: a Hub id or a local model folder")
     if not script.dataset_name and not script.dataset_mixture:
         raise RecipeError(
             "dataset_name (or dataset_mixture) is required: a Hub dataset id or a local .jsonl/.parquet file or folder"
         )
-    if "output_dir" not in config and "output_dir" not in dict(cli):
+    if "output_dir" not in explicit:
         raise RecipeError(
             "output_dir is required: the folder the checkpoints and the final model are written to"
         )
@@ -454,7 +503,7 @@ def parse_recipe(
     if script.dataset_mixture:
         parse_mixture(script.dataset_mixture)
 
-    explicit = list(dict.fromkeys([*config, *(k for k, _ in cli)]))
+    notes = list(dict.fromkeys(notes))  # argparse read the command line twice (_given)
     for note in notes:
         logger.warning("recipe: %s", note)
     return Recipe(

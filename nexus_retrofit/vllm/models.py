@@ -52,9 +52,11 @@ def _check_nexus_config(config: PretrainedConfig) -> NexusConfig:
 class _NexusQwenDecoderLayer:
     """vLLM's Qwen2/Qwen3 decoder layer with a Nexus attention; `forward` is vLLM's, inherited.
 
-    vLLM's `__init__` is not called: it would build the stock attention, whose `Attention` registers
-    this layer's name ("Duplicate layer name" when the Nexus one registers it again). This `__init__`
-    builds the same modules as vLLM's, with `_attention` in place of the stock one.
+    vLLM's `__init__` is not called: it takes no attention class (Llama's does: `attn_layer_type`),
+    and the stock attention it builds registers this layer's name ("Duplicate layer name" when the
+    Nexus one registers it again). This `__init__` builds the same modules as vLLM's, with `_attention`
+    in place of the stock one; tests/vllm/test_vllm_layers.py reads both constructors and fails, naming
+    the module, when a vLLM release changes what its constructor builds.
     """
 
     def __init__(

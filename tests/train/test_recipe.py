@@ -125,6 +125,52 @@ def test_unknown_override_names_the_key(recipe):
         parse_recipe(recipe, ["--nexus.order", "two"])
 
 
+COMMAND_LINE_CASES = [  # argv over the tiny recipe -> (where, field, value) read back from the parsed recipe
+    (["--max_steps", "9"], "training", "max_steps", 9),
+    (["--max_steps=9"], "training", "max_steps", 9),
+    (["--max-steps", "9"], "training", "max_steps", 9),  # argparse's dashed alias
+    (["--packing"], "training", "packing", True),
+    (["--bf16", "no"], "training", "bf16", False),
+    (["--max_seq_length", "128"], "training", "max_length", 128),  # open-r1's old name, noted
+    (["--warmup_ratio", "0.1"], "training", "warmup_steps", 0.1),
+    (["--nexus.order", "3"], "nexus", "order", 3),
+    (["--nexus.inner_lr_multiplier", "0.5"], "nexus", "inner_lr_multiplier", 0.5),
+    (["--nexus.inner", "shared", "--nexus.gate=none"], "nexus", "gate", "none"),
+]
+
+
+@pytest.mark.parametrize("argv,where,name,value", COMMAND_LINE_CASES)
+def test_command_line_overrides(recipe, argv, where, name, value):
+    parsed = parse_recipe(recipe, argv)
+    assert getattr(getattr(parsed, where), name) == value
+    if where == "training":  # set explicitly, so kept in the saved recipe; an untouched default is not
+        assert parsed.values[name] == value and "logging_dir" not in parsed.values
+    if argv[0] in ("--max_seq_length", "--warmup_ratio"):
+        assert [n for n in parsed.notes if f"`{argv[0][2:]}` is" in n] != []
+
+
+BAD_COMMAND_LINES = [
+    (["--max_stepz", "3"], r"'max_stepz' \(did you mean 'max_steps'\?\)"),
+    (["--benchmarks", "math_500"], "'benchmarks' is an open-r1 setting"),
+    (["3"], "override '3' is not of the form --key value"),
+    (["--max_steps", "three"], "--max_steps.*invalid int value: 'three'"),
+    (["--warmup_ratio", "3"], r"warmup_ratio must be in \[0, 1\)"),
+    (["--nexus.order", "two"], "nexus.order must be an integer, got 'two'"),
+    (["--nexus.order", "0"], "nexus.order must be an integer >= 1"),
+    (["--nexus.ordr", "2"], r"'nexus.ordr'"),
+    (["--nexus.order"], "--nexus.order: expected one argument"),
+    (["--nexus", "maybe"], "--nexus: invalid choice: 'maybe'"),
+    (["--nexus", "none", "--nexus.order", "3"], "--nexus none runs the baseline"),
+    (["--load_in_4bit", "true"], "load_in_4bit is not supported"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_COMMAND_LINES)
+def test_bad_command_lines_name_the_key(recipe, argv, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe({**recipe, "nexus": NEXUS}, argv)
+
+
 def test_missing_dataset_names_the_key_and_the_path(recipe, tmp_path):
     missing = tmp_path / "nowhere" / "chat.jsonl"
     with pytest.raises(RecipeError, match=f"dataset_name: no such file or folder: {missing}"):
