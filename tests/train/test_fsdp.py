@@ -17,10 +17,11 @@ import torch
 import yaml
 
 from tests.train.conftest import make_recipe
+from tests.train.distributed_probe import check_saved_against_probe
 from tests.train.launch import accelerate_launch, cpu_env
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-PROBE = Path(__file__).with_name("fsdp_probe.py")
+PROBE = Path(__file__).with_name("distributed_probe.py")
 NEXUS = {"order": 2, "projections": "qk", "inner": "separate", "gate": "open", "inner_init": "zero_out"}
 CPU_OVERRIDES = {"num_processes": 2, "mixed_precision": "no"}
 FSDP_CPU_OVERRIDES = {"fsdp_sync_module_states": False}
@@ -77,25 +78,4 @@ def test_fsdp_run_trains_sharded_with_the_nexus_learning_rates(fsdp_run):
 
 
 def test_fsdp_checkpoint_is_what_the_trainer_held(fsdp_run, tiny_model_dir):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    import nexus_retrofit  # noqa: F401  (registers the Nexus classes)
-
-    out = fsdp_run / "run"
-    assert json.loads((out / "nexus_train_run.json").read_text())["complete"] is True
-    probe = torch.load(fsdp_run / "probe.pt", weights_only=False)
-    saved = load_file(out / "model.safetensors")
-    held = probe["state_dict"]
-    tied = set(held) - set(saved)
-    assert tied <= {"lm_head.weight"}, "only the tied output weight is left out of the file"
-    assert all(torch.equal(saved[k], held[k]) for k in saved)
-    base = load_file(Path(tiny_model_dir) / "model.safetensors")
-    moved = [k for k in base if not torch.equal(base[k], saved[k])]
-    assert len(moved) > len(base) // 2, "the base weights trained"
-    assert any(".self_attn.gates." in k and not torch.equal(v, torch.ones_like(v)) for k, v in saved.items())
-
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["ids"]).logits
-    assert (logits - probe["logits"]).abs().max().item() < 1e-4
+    check_saved_against_probe(fsdp_run, fsdp_run / "run", Path(tiny_model_dir))

@@ -1,23 +1,44 @@
-"""`accelerate launch` target for test_fsdp.py: `nexus-retrofit train` with a probe on the trainer.
+"""`accelerate launch` target for test_fsdp.py and test_deepspeed.py: `nexus-retrofit train` with a
+probe on the trainer.
 
-The probe records, at the end of training and before the final save, what the FSDP-wrapped model
-holds: its full state dict gathered on rank 0, and its logits on a fixed batch (a forward pass of the
-sharded model, which every rank joins). The test compares the saved checkpoint with both. Run as
-`python fsdp_probe.py PROBE_DIR RECIPE [--key value ...]`.
+The probe records, at the end of training and before the final save, what the wrapped model (FSDP or
+a DeepSpeed engine) holds: its full state dict gathered on rank 0, its logits on a fixed batch (a
+forward pass of the sharded model, which every rank joins), this rank's share of the weights, and
+how often the Nexus attention fused its projections into one matmul. The test compares the saved
+checkpoint with all of it. Run as `python distributed_probe.py PROBE_DIR RECIPE [--key value ...]`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from nexus_retrofit.modeling import modeling_nexus
 from nexus_retrofit.train import run_training
 from nexus_retrofit.train import trainer as trainer_module
 
 PROBE_IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+FUSABLE: Counter = Counter()  # modeling_nexus._fusable's answers during training: {True: n, False: n}
+
+
+def count_fusable() -> None:
+    fusable = modeling_nexus._fusable
+
+    def counted(linear: torch.nn.Module) -> bool:
+        FUSABLE[answer := fusable(linear)] += 1
+        return answer
+
+    modeling_nexus._fusable = counted
+
+
+def local_numel(model: torch.nn.Module) -> int:
+    """This rank's share of the weights: ZeRO-3 keeps it in `ds_tensor` (the parameter itself is empty)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
 
 
 class Probe(TrainerCallback):
@@ -29,9 +50,10 @@ class Probe(TrainerCallback):
         model = trainer.model_wrapped
         full = trainer.accelerator.get_state_dict(model)  # collective: every rank joins
         model.eval()
+        fusable = dict(FUSABLE)  # during training, before the probe's own forward
         with torch.no_grad():
             logits = model(input_ids=PROBE_IDS).logits  # collective too (FSDP gathers each unit)
-        local = sum(p.numel() for p in model.parameters())  # this rank's share of the weights
+        local = local_numel(model)
         if trainer.accelerator.is_main_process:
             torch.save(
                 {
@@ -40,11 +62,39 @@ class Probe(TrainerCallback):
                     "ids": PROBE_IDS,
                     "wrapper": type(model).__name__,
                     "is_fsdp_enabled": trainer.is_fsdp_enabled,
+                    "is_deepspeed_enabled": trainer.is_deepspeed_enabled,
                     "local_numel": local,
+                    "fusable": fusable,
                 },
                 self.folder / "probe.pt",
             )
         model.train()
+
+
+def check_saved_against_probe(probe_dir: Path, out: Path, start: Path) -> None:
+    """The test side: the run in `out` finished, saved exactly the state dict the wrapped trainer held
+    (gathered by the probe), moved most of the `start` weights and the gates, and the saved model
+    loaded by plain transformers gives the logits the sharded model gave."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    assert json.loads((out / "nexus_train_run.json").read_text())["complete"] is True
+    probe = torch.load(probe_dir / "probe.pt", weights_only=False)
+    saved = load_file(out / "model.safetensors")
+    held = probe["state_dict"]
+    assert set(held) - set(saved) <= {"lm_head.weight"}, "only the tied output weight is left out of the file"
+    assert all(torch.equal(saved[k], held[k]) for k in saved)
+    before = load_file(start / "model.safetensors")
+    moved = [k for k in before if not torch.equal(before[k], saved[k])]
+    assert len(moved) > len(before) // 2, "the weights trained"
+    assert any(".self_attn.gates." in k and not torch.equal(v, torch.ones_like(v)) for k, v in saved.items())
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["ids"]).logits
+    assert (logits - probe["logits"]).abs().max().item() < 1e-4
 
 
 def fsdp_on_cpu() -> None:
@@ -86,7 +136,9 @@ def fsdp_on_cpu() -> None:
 
 def main() -> None:
     folder, recipe, *overrides = sys.argv[1:]
-    fsdp_on_cpu()
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # set by accelerate launch
+        fsdp_on_cpu()
+    count_fusable()
     init = trainer_module.NexusSFTTrainer.__init__
 
     def probed_init(self, *args, **kwargs):  # test-only: the production trainer takes no probe
