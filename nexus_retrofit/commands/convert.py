@@ -89,8 +89,8 @@ def convert(
         check_output_dir(output, overwrite, flag="OUTPUT")
         torch_dtype(dtype)
         _check_source(source, revision)
-    except (ValueError, OSError) as e:
-        raise fail(str(e)) from None
+    except (ValueError, OSError) as e:  # OSError includes huggingface_hub's errors: several lines each
+        raise fail(one_line(e)) from None
 
     if streaming if streaming is not None else _should_stream(source, revision):
         _convert_streaming(source, output, settings, seed, dtype, revision, trust_remote_code, overwrite)
