@@ -43,6 +43,33 @@ def check_source(source: str) -> None:
         )
 
 
+def pin_revision(source: str, revision: str | None = None) -> str | None:
+    """The commit a Hub SOURCE's `revision` (default: main) points at now, so that config, weights and
+    tokenizer all come from one commit even if the branch moves during a long download. A local folder,
+    or offline mode (the cache resolves its own refs), keeps `revision` as given."""
+    check_source(source)
+    if Path(source).expanduser().is_dir():
+        return revision
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return revision
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return HfApi().model_info(source, revision=revision).sha or revision
+    except HfHubHTTPError as e:  # the Hub answered: no such repo or revision, or no access
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        raise OSError(
+            f"could not find {source} (revision {revision or 'main'}) on the Hub (HTTP {status}): check the id "
+            "and revision, and for a gated or private model log in (`hf auth login`)"
+        ) from None
+    except Exception as e:  # the Hub is unreachable: the downloads fall back to the cache, as before
+        if isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "requests"):
+            return revision
+        raise
+
+
 def check_safetensors(folder: str | os.PathLike) -> None:
     """Read every *.safetensors header in `folder`; a corrupt or truncated file is a ValueError."""
     from safetensors import SafetensorError, safe_open

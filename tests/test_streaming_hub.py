@@ -10,6 +10,7 @@ downloads: every run must fetch the weights from the fake Hub itself.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from nexus_retrofit import streaming
 from nexus_retrofit.cli import app
 
 from .conftest import save_tiny_base, tiny_base_model
-from .fake_hub import FakeHub
+from .fake_hub import COMMIT, FakeHub
 from .test_streaming import SHARDED, _config, _logits, _tensors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,10 @@ def test_convert_from_hub(tmp_path, ids, family, sharded):
             assert run.returncode == 0, f"{mode} failed:\n{run.stderr}\nfake Hub requests:\n{log}"
             # every weight file came from the Hub in this very run (its cache started empty)
             assert set(weights) <= hub.downloaded(repo_id, start), f"{mode}:\n{log}"
+            # ... and every file from the one commit `main` pointed at first, never from `main` again
+            # (transformers 5.16 still asks `main` whether an adapter_config.json exists: a 404 here)
+            fetched = [line for line in log.splitlines() if line.startswith("GET") and "/resolve/" in line]
+            assert fetched and all(f"/resolve/{COMMIT}/" in line for line in fetched), f"{mode}:\n{log}"
             runs[mode] = run
         assert not hub.unknown, f"requests the fake Hub does not imitate:\n{hub.log()}"
 
@@ -134,8 +139,11 @@ def test_convert_unknown_hub_id(tmp_path):
     assert run.returncode != 0
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
-    assert "tiny-org/missing" in lines[0] and "Not Found" in lines[0], lines[0]
-    assert "/tiny-org/missing/" in asked, asked  # the answer came from the Hub, not from offline mode
+    assert lines[0] == (
+        "error: could not find tiny-org/missing (revision main) on the Hub (HTTP 404): check the id and "
+        "revision, and for a gated or private model log in (`hf auth login`)"
+    )
+    assert "GET /api/models/tiny-org/missing -> 404" in asked, asked  # the Hub answered, not offline mode
     assert not (tmp_path / "out").exists()
 
 
@@ -159,3 +167,36 @@ def test_source_weight_bytes_from_hub(tmp_path, monkeypatch):
         assert not hub.downloaded("tiny-org/qwen2"), hub.log()
         assert "GET /api/models/tiny-org/qwen2 -> 200" in hub.log()
         assert not hub.unknown, hub.log()
+
+
+PIN_CASES = [  # (source, hub state) -> the revision every later download uses, or the error
+    pytest.param("tiny-org/qwen2", "online", COMMIT, id="hub-id-pinned-to-the-commit"),
+    pytest.param("tiny-org/qwen2", "offline", None, id="offline-keeps-the-cache-refs"),
+    pytest.param("tiny-org/qwen2", "unreachable", None, id="unreachable-falls-back-to-the-cache"),
+    pytest.param("LOCAL", "online", None, id="local-folder-untouched"),
+    pytest.param(
+        "tiny-org/missing", "online", "could not find tiny-org/missing (revision main)", id="unknown-id"
+    ),
+]
+
+
+@pytest.mark.parametrize(("source", "state", "expected"), PIN_CASES)
+def test_pin_revision(tmp_path, monkeypatch, source, state, expected):
+    from huggingface_hub import constants
+
+    from nexus_retrofit.checkpoint import pin_revision
+
+    save_tiny_base(tmp_path / "repo", "qwen2")
+    source = str(tmp_path / "repo") if source == "LOCAL" else source
+    with FakeHub({"tiny-org/qwen2": tmp_path / "repo"}) as hub:
+        endpoint = "http://127.0.0.1:9" if state == "unreachable" else hub.endpoint  # port 9: nothing listens
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", state == "offline")
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        if expected and expected.startswith("could not"):
+            with pytest.raises(OSError, match=re.escape(expected)):
+                pin_revision(source)
+        else:
+            assert pin_revision(source) == expected
+        asked = len(hub.requests)
+    assert bool(asked) == (state == "online" and source.startswith("tiny-org/")), hub.log()

@@ -68,7 +68,7 @@ def convert(
     import torch
     from safetensors import SafetensorError
 
-    from ..checkpoint import load_causal_lm, save_tokenizer_files, torch_dtype
+    from ..checkpoint import load_causal_lm, pin_revision, save_tokenizer_files, torch_dtype
     from ..converter import convert as convert_model
     from ..modeling import NexusConfig
     from ..safe_output import atomic_dir, check_output_dir
@@ -88,6 +88,7 @@ def convert(
         )
         check_output_dir(output, overwrite, flag="OUTPUT")
         torch_dtype(dtype)
+        revision = pin_revision(source, revision)  # one commit for config, weights and tokenizer
         _check_source(source, revision)
     except (ValueError, OSError) as e:  # OSError includes huggingface_hub's errors: several lines each
         raise fail(one_line(e)) from None
