@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import RecipeError
 
@@ -18,9 +18,19 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, IterableDataset
     from trl import SFTConfig
 
-    from .recipe import NexusScriptArguments
-
 logger = logging.getLogger(__name__)
+
+
+class DataArguments(Protocol):
+    """The dataset fields of a recipe this module reads (recipe.NexusScriptArguments has them)."""
+
+    dataset_name: str | None
+    dataset_config: str | None
+    dataset_mixture: dict | str | None
+    dataset_streaming: bool
+    dataset_train_split: str
+    dataset_test_split: str
+
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Roles chat templates know; anything else (a typo such as "asistant") would be rendered or dropped
@@ -240,7 +250,7 @@ def check_format(ds: Dataset | IterableDataset, text_field: str, key: str) -> st
 
 
 def load_datasets(
-    script: NexusScriptArguments, training: SFTConfig
+    script: DataArguments, training: SFTConfig
 ) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None, str]:
     """Train and (when evaluating) eval datasets for parsed ScriptArguments and SFTConfig, and their format."""
     if script.dataset_mixture:
