@@ -19,11 +19,9 @@ import pytest
 import torch
 import yaml
 
-pytest.importorskip("deepspeed")
-
-from tests.train.conftest import make_recipe  # noqa: E402
-from tests.train.distributed_probe import check_saved_against_probe  # noqa: E402
-from tests.train.launch import accelerate_launch, cpu_env  # noqa: E402
+from tests.train.conftest import make_recipe
+from tests.train.distributed_probe import check_saved_against_probe
+from tests.train.launch import accelerate_launch, cpu_env
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 PROBE = Path(__file__).with_name("distributed_probe.py")
@@ -63,6 +61,9 @@ def _converted(tiny_model_dir: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module", params=CASES)
 def deepspeed_run(request, tiny_model_dir, chat_jsonl, tmp_path_factory):
+    pytest.importorskip(
+        "deepspeed", reason="pip install -e '.[deepspeed]' (scripts/test.sh's latest env has it)"
+    )
     name, from_checkpoint = request.param
     folder = tmp_path_factory.mktemp(f"{name}-{'checkpoint' if from_checkpoint else 'convert'}")
     model = _converted(tiny_model_dir, folder) if from_checkpoint else tiny_model_dir
