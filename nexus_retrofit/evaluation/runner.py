@@ -252,9 +252,12 @@ def local_fingerprint(folder: Path) -> dict[str, Any]:
     return {"kind": "local", "sha256": digest.hexdigest(), "files": len(names)}
 
 
-def hub_fingerprint(model: str, revision: str | None) -> dict[str, Any]:
-    """A Hub model's commit, read from the local Hugging Face cache (no network): the snapshot folder
-    the loader resolves `revision` to is named by its commit. None when the model is not cached yet."""
+def hub_fingerprint(model: str, revision: str | None, pinned: str | None = None) -> dict[str, Any]:
+    """A Hub model's commit: the one `revision` was pinned to (checkpoint.pin_revision), else read
+    from the local Hugging Face cache (no network): the snapshot folder the loader resolves `revision`
+    to is named by its commit. None when neither is known."""
+    if pinned and len(pinned) == 40 and pinned != revision:
+        return {"kind": "hub", "repo": model, "revision": revision, "commit": pinned}
     commit = None
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -275,6 +278,7 @@ def model_info(model: str, revision: str | None, trust_remote_code: bool) -> dic
     """
     path = Path(model).expanduser()
     config = None
+    load_revision = revision
     if (path / "config.json").is_file():
         try:
             config = json.loads((path / "config.json").read_text())
@@ -286,18 +290,25 @@ def model_info(model: str, revision: str | None, trust_remote_code: bool) -> dic
         what = "has no config.json" if path.is_dir() else "does not exist"
         raise ValueError(f"model {model}: the folder {path.resolve()} {what}")
     else:
+        from ..checkpoint import pin_revision
+
+        try:  # the commit the revision points at now: config, weights and fingerprint all from it
+            load_revision = pin_revision(model, revision)
+        except OSError as e:
+            raise ValueError(f"model {e}") from None
         try:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(
-                model, revision=revision, trust_remote_code=trust_remote_code
+                model, revision=load_revision, trust_remote_code=trust_remote_code
             ).to_dict()
         except Exception:  # recorded as unknown; loading the backend will tell what is wrong
             config = None
-        fingerprint = hub_fingerprint(model, revision)
+        fingerprint = hub_fingerprint(model, revision, pinned=load_revision)
     return {
         "path": model,
         "revision": revision,
+        "load_revision": load_revision,  # what the backend loads: the pinned commit for a Hub model
         "fingerprint": fingerprint,
         "config": config,
         "nexus": (config or {}).get("nexus"),
@@ -545,7 +556,7 @@ def evaluate(
                 settings.model,
                 dtype=settings.dtype,
                 trust_remote_code=settings.trust_remote_code,
-                revision=settings.revision,
+                revision=model["load_revision"],
                 seed=settings.seed,
                 tensor_parallel_size=settings.tensor_parallel_size,
                 data_parallel_size=settings.data_parallel_size,
