@@ -7,6 +7,10 @@ data with the demo's recipe, the base model converted on the fly from the recipe
 held-out problems, and the share of greedy completions that differ from the baseline's.
 
     python -m nexus_retrofit.experiments.retrofit_demo --steps 200 --eval 200 --arms baseline zero open
+
+`--seed` sets the recipe's seed (data order, dropout-free training noise, and the random inner weights
+the conversion draws); the demo's recipe uses 0. Each arm is compared with the baseline of the same
+run problem by problem (paired accuracy difference and its standard error, as the demo reports).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ ARMS: dict[str, dict[str, Any] | None] = {
 }
 
 
-def _recipe(name: str, block: dict[str, Any] | None, steps: int, out: Path) -> dict[str, Any]:
+def _recipe(name: str, block: dict[str, Any] | None, steps: int, out: Path, seed: int = 0) -> dict[str, Any]:
     from ..demo.assets import tiny_model_path
     from ..demo.pipeline import RECIPE
 
@@ -75,6 +79,7 @@ def _recipe(name: str, block: dict[str, Any] | None, steps: int, out: Path) -> d
         "model_name_or_path": str(tiny_model_path()),
         "output_dir": str(out / name),
         "dtype": "float32",
+        "seed": seed,
     }
     recipe["dataset_name"] = str(_sft_prompt_completion(out))
     if block is not None:
@@ -107,7 +112,7 @@ def _eval_rows(limit: int) -> list[dict]:
 
 
 def run_arm(
-    name: str, block: dict[str, Any] | None, steps: int, rows: list[dict], out: Path
+    name: str, block: dict[str, Any] | None, steps: int, rows: list[dict], out: Path, seed: int = 0
 ) -> dict[str, Any]:
     """Train one arm through run_training; score its greedy completions on `rows`."""
     import torch
@@ -117,7 +122,7 @@ def run_arm(
     from ..train import run_training
 
     started = time.perf_counter()
-    result = run_training(_recipe(name, block, steps, out))
+    result = run_training(_recipe(name, block, steps, out, seed))
     logged = [e for e in result.log_history if "loss" in e]
     model = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
@@ -132,6 +137,7 @@ def run_arm(
     }
     return {
         "arm": name,
+        "seed": seed,
         "nexus": result.nexus,
         "final_loss": last.get("loss"),
         "path": {k[len("nexus_path_") :]: v for k, v in last.items() if k.startswith("nexus_path_")},
@@ -141,6 +147,7 @@ def run_arm(
         "stderr": {
             lv: binomial_stderr(accuracy[lv], sum(int(r["level"]) == lv for r in rows)) for lv in levels
         },
+        "levels": [int(r["level"]) for r in rows],
         "correct": correct,
         "completions": completions,
         "seconds": round(time.perf_counter() - started, 1),
@@ -153,13 +160,32 @@ def binomial_stderr(p: float, n: int) -> float:
 
 
 def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add each arm's share of completions that differ from the baseline's."""
+    """Add each arm's share of completions that differ from the baseline's, and the paired accuracy
+    difference from the baseline (all problems and per level), with its standard error."""
+    from ..demo.scoring import paired_comparison
+
     base = next((r for r in results if r["arm"] == "baseline"), None)
+    if base is None:
+        return results
     for r in results:
-        if base is not None:
-            pairs = list(zip(r["completions"], base["completions"]))
-            r["differ_from_baseline"] = sum(a != b for a, b in pairs) / len(pairs)
-            r["differ_count"] = sum(a != b for a, b in pairs)
+        pairs = list(zip(r["completions"], base["completions"]))
+        r["differ_from_baseline"] = sum(a != b for a, b in pairs) / len(pairs)
+        r["differ_count"] = sum(a != b for a, b in pairs)
+        records = [
+            [{"completion": c, "correct": ok} for c, ok in zip(x["completions"], x["correct"])]
+            for x in (base, r)
+        ]
+        groups = {"all": range(len(pairs)), **{str(lv): [] for lv in sorted(set(r["levels"]))}}
+        for i, lv in enumerate(r["levels"]):
+            groups[str(lv)].append(i)
+        r["paired"] = {}
+        for group, index in groups.items():
+            c = paired_comparison([records[0][i] for i in index], [records[1][i] for i in index])
+            r["paired"][group] = {
+                "differ": c["differ"],
+                "difference": c["difference"],
+                "stderr": c["difference_stderr"],
+            }
     return results
 
 
@@ -189,13 +215,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval", type=int, default=200, help="held-out problems (half 1-step, half 2-step)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    parser.add_argument("--seed", type=int, default=0, help="the recipe's seed (the demo's: 0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = _eval_rows(args.eval)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.arms:
-            results.append(run_arm(name, ARMS[name], args.steps, rows, Path(tmp)))
+            results.append(run_arm(name, ARMS[name], args.steps, rows, Path(tmp), args.seed))
             print(f"{name}: path {results[-1]['path']} acc {results[-1]['accuracy']}", flush=True)
             if args.json:  # after every arm: a long run killed midway keeps what it measured
                 _write(args.json, compare(results))
