@@ -54,10 +54,12 @@ class _NexusQwenDecoderLayer:
 
     vLLM's `__init__` is not called: it takes no attention class (Llama's does: `attn_layer_type`),
     and the stock attention it builds registers this layer's name ("Duplicate layer name" when the
-    Nexus one registers it again). This `__init__` builds the same modules as vLLM's, with `_attention`
-    in place of the stock one; tests/vllm/test_vllm_layers.py reads both constructors and fails, naming
-    the module, when a vLLM release changes what its constructor builds.
+    Nexus one registers it again). This `__init__` builds the same modules as vLLM's, with the family's
+    `attention_class` in place of the stock one; tests/vllm/test_vllm_layers.py reads both constructors
+    and fails, naming the module, when a vLLM release changes what its constructor builds.
     """
+
+    attention_class: type[nn.Module]
 
     def __init__(
         self,
@@ -70,7 +72,20 @@ class _NexusQwenDecoderLayer:
         _check_nexus_config(config)
         self.hidden_size = config.hidden_size
         set_default_rope_theta(config, default_theta=1000000)
-        self.self_attn = self._attention(config, cache_config, quant_config, f"{prefix}.self_attn")
+        self.self_attn = self.attention_class(
+            nexus=config.nexus,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            max_position=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
+            rms_norm_eps=config.rms_norm_eps,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            dual_chunk_attention_config=getattr(config, "dual_chunk_attention_config", None),
+            prefix=f"{prefix}.self_attn",
+            **self._family_attention_kwargs(config),
+        )
         self.mlp = Qwen2MLP(
             hidden_size=self.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -82,53 +97,28 @@ class _NexusQwenDecoderLayer:
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     @staticmethod
-    def _attention_kwargs(
-        config: PretrainedConfig,
-        cache_config: CacheConfig | None,
-        quant_config: QuantizationConfig | None,
-        prefix: str,
-    ) -> dict:
-        return dict(
-            nexus=config.nexus,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            max_position=config.max_position_embeddings,
-            rope_parameters=config.rope_parameters,
-            rms_norm_eps=config.rms_norm_eps,
-            cache_config=cache_config,
-            quant_config=quant_config,
-            dual_chunk_attention_config=getattr(config, "dual_chunk_attention_config", None),
-            prefix=prefix,
-        )
+    def _family_attention_kwargs(config: PretrainedConfig) -> dict:
+        """What the family's vLLM constructor passes its attention beyond the shared settings."""
+        raise NotImplementedError
 
 
 class NexusQwen2DecoderLayer(_NexusQwenDecoderLayer, Qwen2DecoderLayer):
-    def _attention(
-        self,
-        config: PretrainedConfig,
-        cache_config: CacheConfig | None,
-        quant_config: QuantizationConfig | None,
-        prefix: str,
-    ) -> NexusQwen2Attention:
-        kwargs = self._attention_kwargs(config, cache_config, quant_config, prefix)
-        return NexusQwen2Attention(**kwargs, qk_norm=getattr(config, "qk_norm", False))
+    attention_class = NexusQwen2Attention
+
+    @staticmethod
+    def _family_attention_kwargs(config: PretrainedConfig) -> dict:
+        return {"qk_norm": getattr(config, "qk_norm", False)}
 
 
 class NexusQwen3DecoderLayer(_NexusQwenDecoderLayer, Qwen3DecoderLayer):
-    def _attention(
-        self,
-        config: PretrainedConfig,
-        cache_config: CacheConfig | None,
-        quant_config: QuantizationConfig | None,
-        prefix: str,
-    ) -> NexusQwen3Attention:
-        kwargs = self._attention_kwargs(config, cache_config, quant_config, prefix)
-        return NexusQwen3Attention(
-            **kwargs,
-            head_dim=getattr(config, "head_dim", None),
-            qkv_bias=getattr(config, "attention_bias", False),
-        )
+    attention_class = NexusQwen3Attention
+
+    @staticmethod
+    def _family_attention_kwargs(config: PretrainedConfig) -> dict:
+        return {
+            "head_dim": getattr(config, "head_dim", None),
+            "qkv_bias": getattr(config, "attention_bias", False),
+        }
 
 
 class NexusLlamaDecoderLayer(LlamaDecoderLayer):

@@ -44,14 +44,8 @@ CASES = [
         ("qwen2", "shared", 2, "qk", {"gate": "zero"}, False),
         ("qwen2", "self", 2, "qk", {"gate": "zero"}, False),
         ("qwen2", "separate", 3, "qkv", {"gate": "zero"}, False),
-        (
-            "qwen2",
-            "self",
-            3,
-            "qkv",
-            {"gate": "zero"},
-            True,
-        ),  # torch.compile, vLLM's default (not enforce_eager)
+        # compiled: torch.compile, vLLM's default (not enforce_eager)
+        ("qwen2", "self", 3, "qkv", {"gate": "zero"}, True),
         ("qwen2", "shared", 3, "q", {"gate": "none"}, False),
         ("qwen2", "shared", 2, "qk", {"gate": "zero", "gate_shape": "head", "gate_fn": "tanh"}, False),
         ("qwen2", "separate", 2, "qk", {"gate_shape": "head"}, False),
