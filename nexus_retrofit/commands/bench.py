@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -52,9 +54,13 @@ def speed(
             raise fail(
                 "--device cuda: no CUDA GPU is visible to torch; run on a GPU machine or use --device cpu"
             )
-    _check_outputs(output_dir, [f"speed_{device}.{ext}" for ext in ("json", "md", "png")], overwrite)
+    names = [f"speed_{device}.{ext}" for ext in ("json", "md", "png")]
     console = Console()
-    with console.status("benchmarking ..."), sigterm_as_interrupt():
+    with (
+        _outputs(output_dir, names, overwrite, "bench speed"),
+        console.status("benchmarking ..."),
+        sigterm_as_interrupt(),
+    ):
         report = run_speed_bench(device, lens, quick, output_dir, attn)
     console.print(report.read_text())
     console.print(f"[green]wrote[/] {report.parent}")
@@ -80,9 +86,13 @@ def counts(
 
     if seq_len < 1:
         raise typer.BadParameter(f"--seq-len must be a positive integer, got {seq_len}")
-    _check_outputs(output_dir, ["counts.json", "counts.md"], overwrite)
     console = Console()
-    with console.status("counting ..."), sigterm_as_interrupt():
+    names = ["counts.json", "counts.md"]
+    with (
+        _outputs(output_dir, names, overwrite, "bench counts"),
+        console.status("counting ..."),
+        sigterm_as_interrupt(),
+    ):
         report = write_counts(count_all(seq_len), output_dir, seq_len)
     console.print(report.read_text())
     console.print(f"[green]wrote[/] {report.parent}")
@@ -107,8 +117,10 @@ def gpu(
     names = ["gpu_check.json", "gpu_check.md"] + [
         f"speed/speed_{device}.{ext}" for ext in ("json", "md", "png")
     ]
-    _check_outputs(output_dir, names, overwrite)
-    report = run_gpu_check(output_dir, Settings(device, small=dry_run, vllm=not dry_run), total_s=budget_s)
+    with _outputs(output_dir, names, overwrite, "bench gpu"):
+        report = run_gpu_check(
+            output_dir, Settings(device, small=dry_run, vllm=not dry_run), total_s=budget_s
+        )
     print(report.read_text())
 
 
@@ -132,17 +144,22 @@ def streaming(
 
     if layers < 1 or shard_gib <= 0:
         raise typer.BadParameter("--layers and --shard-gib must be positive")
-    _check_outputs(output_dir, ["streaming.json", "streaming.md"], overwrite)
-    with sigterm_as_interrupt():
+    with (
+        _outputs(output_dir, ["streaming.json", "streaming.md"], overwrite, "bench streaming"),
+        sigterm_as_interrupt(),
+    ):
         report = run_streaming_bench(output_dir, layers, shard_gib)
     Console().print(report.read_text())
 
 
-def _check_outputs(output_dir: Path, names: list[str], overwrite: bool) -> None:
-    """Path and replace checks before any work (see nexus_retrofit.safe_output)."""
-    from ..safe_output import OutputError, check_output_files
+@contextlib.contextmanager
+def _outputs(output_dir: Path, names: list[str], overwrite: bool, command: str) -> Iterator[None]:
+    """Path, ownership and replace checks before any work, the folder's lock while writing, and the
+    files claimed as the tool's afterwards (see nexus_retrofit.safe_output)."""
+    from ..safe_output import OutputError, writing_files
 
     try:
-        check_output_files(output_dir, names, overwrite)
+        with writing_files(output_dir, names, overwrite, command):
+            yield
     except OutputError as e:
         raise fail(str(e)) from None

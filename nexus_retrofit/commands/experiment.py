@@ -30,17 +30,17 @@ def experiment(
 ) -> None:
     """Run an evidence experiment: does higher-order attention do what the paper claims?"""
     from ..experiments import EXPERIMENTS, run_experiment
-    from ..safe_output import OutputError, check_output_files, sigterm_as_interrupt
+    from ..safe_output import OutputError, sigterm_as_interrupt, writing_files
 
     if name not in EXPERIMENTS:
         raise fail(f"unknown experiment {name!r}; available: {', '.join(EXPERIMENTS)}")
     # an untracked default: a run from the repo root must not replace the committed results
     output_dir = output_dir if output_dir is not None else DEFAULT_ROOT / name
+    names = ("results.json", "results.md", f"{name}.png")
     try:
-        check_output_files(output_dir, ("results.json", "results.md", f"{name}.png"), overwrite)
+        with writing_files(output_dir, names, overwrite, f"experiment {name}"), sigterm_as_interrupt():
+            out = run_experiment(name, quick=quick, seeds=seeds, output_dir=output_dir, threads=threads)
     except OutputError as e:
         raise fail(str(e)) from None
-    with sigterm_as_interrupt():
-        out = run_experiment(name, quick=quick, seeds=seeds, output_dir=output_dir, threads=threads)
     console.print(out.markdown_path.read_text())
     console.print(f"wrote {out.json_path}, {out.markdown_path}, {out.plot_path}")

@@ -15,7 +15,16 @@ from typing import Any
 
 from rich.console import Console
 
-from ..safe_output import atomic_write_text, mark_dir, prepare_output_dir, save_figure, sigterm_as_interrupt
+from ..safe_output import (
+    atomic_write_text,
+    claim,
+    mark_dir,
+    output_lock,
+    owned_and_foreign,
+    prepare_output_dir,
+    save_figure,
+    sigterm_as_interrupt,
+)
 from .arithmetic import MATH_PROMPT, read_jsonl, write_jsonl
 from .assets import eval_data_path, sft_data_path, tiny_model_path
 
@@ -275,10 +284,15 @@ def run_demo(
     The folder is written in place (its checkpoints' paths are recorded in the eval results and the
     summary), marked as the demo's from the start, so `--overwrite` can later replace it, and only it.
     """
-    prepare_output_dir(output_dir, overwrite, "demo")  # OutputError before any work; keeps paths as given
-    with sigterm_as_interrupt():
-        summary = _run_demo(output_dir, max_steps, eval_limit)
-    mark_dir(output_dir, "demo", complete=True)
+    with output_lock(output_dir, "demo", "--output-dir"):
+        prepare_output_dir(output_dir, overwrite, "demo")  # OutputError before any work; keeps paths as given
+        theirs = set(owned_and_foreign(output_dir)[1])  # entries of the user's that an --overwrite left
+        try:
+            with sigterm_as_interrupt():
+                summary = _run_demo(output_dir, max_steps, eval_limit)
+        finally:  # what the demo wrote is the demo's, even when it was interrupted
+            claim(output_dir, [p.name for p in output_dir.iterdir() if p.name not in theirs], "demo")
+        mark_dir(output_dir, "demo", complete=True)
     return summary
 
 

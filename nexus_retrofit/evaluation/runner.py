@@ -25,7 +25,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..safe_output import atomic_write_text, check_output_location
+from ..safe_output import (
+    atomic_write_text,
+    check_no_collisions,
+    check_output_location,
+    claim,
+    is_marked,
+    notify_left,
+    output_lock,
+    remove_owned,
+)
 from .backends import Backend, Sampling, default_backend, make_backend, render_prompt
 from .data import load_task_rows
 from .grading import get_grader
@@ -138,16 +147,17 @@ def read_samples(path: Path, num_samples: int, repair: bool = True) -> dict[int,
     """
     if not path.exists():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = path.read_bytes().splitlines(keepends=True)  # bytes: a write torn inside a character
     records = []
     fix = "fix or delete the file (or --overwrite)"
     for number, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines) and not line.endswith("\n"):  # torn final write
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if number == len(lines) and not line.endswith(b"\n"):  # torn final write
                 break
-            raise ResumeError(f"{path} line {number} is not valid JSON ({e.msg}); {fix}") from None
+            what = "is not UTF-8" if isinstance(e, UnicodeDecodeError) else f"is not valid JSON ({e.msg})"
+            raise ResumeError(f"{path} line {number} {what}; {fix}") from None
         why = _sample_problem(record)
         if why is not None:
             raise ResumeError(f"{path} line {number} {why}; {fix}")
@@ -441,10 +451,29 @@ def _needs_generation(output_dir: Path, plans: list[_TaskPlan], previous: dict |
     return False
 
 
-def _clear_previous(output_dir: Path) -> None:
-    """--overwrite: remove this runner's own files (results.json, samples_*.jsonl), nothing else."""
-    for f in [output_dir / "results.json", *output_dir.glob("samples_*.jsonl")]:
-        f.unlink(missing_ok=True)
+def _writes(plans: list[_TaskPlan]) -> Callable[[str], bool]:
+    """The names a run of these tasks writes in its output folder."""
+    names = {"results.json", *(samples_path(Path(), p.task.name).name for p in plans)}
+    return names.__contains__
+
+
+def _adopt_legacy(output_dir: Path) -> None:
+    """A folder written before manifests existed: its results.json (this runner's format) and the
+    samples files it names are this tool's."""
+    results_file = output_dir / "results.json"
+    if is_marked(output_dir) or not results_file.is_file():
+        return
+    try:
+        previous = json.loads(results_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(previous, dict) or previous.get("format") != RESULTS_FORMAT:
+        return
+    tasks = previous.get("tasks") if isinstance(previous.get("tasks"), dict) else {}
+    names = [
+        str(t.get("samples_file")) for t in tasks.values() if isinstance(t, dict) and t.get("samples_file")
+    ]
+    claim(output_dir, ["results.json", *[n for n in names if "/" not in n]], "eval", mutable=True)
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -540,7 +569,28 @@ def evaluate(
     settings = settings.resolved()
     output_dir = Path(output_dir)
     check_output_location(output_dir, "--output-dir", may_be_protected=True)  # it replaces only its own files
+    with output_lock(output_dir, "eval", "--output-dir"):  # one writer per folder
+        return _evaluate(settings, output_dir, overwrite, backend, show_progress)
+
+
+def _evaluate(
+    settings: EvalSettings,
+    output_dir: Path,
+    overwrite: bool,
+    backend: Backend | None,
+    show_progress: bool,
+) -> dict[str, Any]:
     plans = _plan(settings)  # data and columns are checked before anything is created
+    for plan in plans:
+        if plan.num_samples > 1 and settings.temperature == 0:
+            raise ValueError(
+                f"{plan.task.name}: {plan.num_samples} samples per problem with --temperature 0: greedy "
+                "decoding gives identical samples, not independent ones; pass --temperature > 0 (e.g. 0.6) "
+                "or --num-samples 1"
+            )
+    if output_dir.is_dir():
+        _adopt_legacy(output_dir)
+        check_no_collisions(output_dir, _writes(plans), "--output-dir")  # never replace another's file
     model = model_info(settings.model, settings.revision, settings.trust_remote_code)
     settings_dict = settings.to_dict()
     previous = check_previous(output_dir, settings_dict, plans, model, overwrite)
@@ -570,8 +620,10 @@ def evaluate(
     if _needs_generation(output_dir, plans, previous):
         get_backend()
     output_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        _clear_previous(output_dir)
+    if overwrite:  # what this runner wrote here before, and nothing else (the manifest)
+        notify_left(
+            output_dir, [n for n in remove_owned(output_dir) if _writes(plans)(n) or n.startswith("samples_")]
+        )
 
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
@@ -591,7 +643,12 @@ def evaluate(
             "dataset": plan.source,
         }
     results_file = output_dir / "results.json"
+    mine = ["results.json", *(samples_path(output_dir, p.task.name).name for p in plans)]
+    claim(output_dir, [], "eval")  # marked before the first write ...
     write_json_atomic(results_file, results)
+    for name in mine[1:]:
+        (output_dir / name).touch()
+    claim(output_dir, mine, "eval", mutable=True)  # ... and its files are the runner's as soon as they exist
 
     try:
         with _progress(show_progress) as progress:
@@ -614,6 +671,7 @@ def evaluate(
     results["complete"] = True
     results["updated_at"] = _now()
     write_json_atomic(results_file, results)
+    claim(output_dir, mine, "eval", complete=True, mutable=True)
     return results
 
 

@@ -8,16 +8,27 @@ weights), load and convert the model, train, save. Only the main process writes 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..safe_output import OutputError, atomic_write_text, check_output_location
+from ..safe_output import (
+    OutputError,
+    atomic_write_text,
+    check_no_collisions,
+    check_output_location,
+    claim,
+    is_marked,
+    notify_left,
+    output_lock,
+    owned_and_foreign,
+    remove_owned,
+)
 from .errors import RecipeError
 from .recipe import CONFIG_FILE, Recipe, parse_recipe
 
@@ -139,12 +150,59 @@ LEGACY_FINAL_FILES = (
 )  # fmt: skip
 
 
+# Names a run (the Trainer, save_model, the tokenizer, this module) writes at the top of output_dir: a
+# foreign entry matching one is refused before any work, since the run would replace it.
+TRAIN_WRITES = (
+    *LEGACY_FINAL_FILES,
+    CONFIG_FILE,
+    RUN_RECORD,
+    "checkpoint-*",
+    "runs",
+    "*.safetensors",
+    "*.bin",
+)
+
+
+def _train_writes(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TRAIN_WRITES)
+
+
+def _adopt_legacy(out: Path) -> None:
+    """A run folder written before markers existed (it has this tool's recipe file): its recipe, record,
+    listed final files and real checkpoint folders are this tool's."""
+    recipe_file = out / CONFIG_FILE
+    if is_marked(out) or not recipe_file.is_file():
+        return
+    try:
+        ours = recipe_file.read_text(encoding="utf-8").startswith("# Recipe as run by nexus-retrofit")
+    except (OSError, UnicodeDecodeError):
+        return
+    if not ours:
+        return
+    record = _read_record(out) or {}
+    names = [CONFIG_FILE, RUN_RECORD, *[n for n in record.get("files", []) if isinstance(n, str)]]
+    names += [p.name for p in _checkpoints(out) if not p.is_symlink()]
+    claim(out, [n for n in names if "/" not in n], "train", complete=bool(record.get("complete")))
+
+
+def _check_ownership(out: Path) -> None:
+    """output_dir holds nothing of anyone else's that the run would write or replace (the user's other
+    files may stay: the run never touches them)."""
+    if not out.is_dir():
+        return
+    _adopt_legacy(out)
+    try:
+        check_no_collisions(out, _train_writes, "output_dir")
+    except OutputError as e:
+        raise RecipeError(str(e)) from None
+
+
 @dataclass
 class OutputPlan:
     """What run_training will do to output_dir; decided before any data or model is loaded."""
 
     resume: str | None = None
-    remove: list[Path] = field(default_factory=list)  # old checkpoint folders (overwrite_output_dir)
+    overwrite: bool = False  # overwrite_output_dir: remove what this tool wrote there (not the user's files)
     notes: list[str] = field(default_factory=list)
 
 
@@ -251,12 +309,14 @@ def plan_output_dir(recipe: Recipe) -> OutputPlan:
 
     A non-empty output_dir is accepted when it holds a run of the same recipe (same model, data and
     Nexus settings), to resume it or to rewrite its final model; otherwise only with
-    overwrite_output_dir, whose old checkpoint-* folders are removed once everything has loaded.
+    overwrite_output_dir, which removes what this tool wrote there (never the user's entries) once
+    everything has loaded. An entry of someone else's that the run would replace is always refused.
     """
     out = Path(recipe.training.output_dir)
     _check_location(out)
+    _check_ownership(out)
     resume = _resume_target(recipe.training.resume_from_checkpoint)
-    entries = sorted(out.iterdir()) if out.is_dir() else []
+    entries = sum(owned_and_foreign(out), []) if out.is_dir() else []
     previous = _previous_identity(out)
     diff = _identity_diff(_identity(recipe), previous) if previous is not None else []
 
@@ -265,7 +325,12 @@ def plan_output_dir(recipe: Recipe) -> OutputPlan:
     if not entries:
         return OutputPlan()
     if recipe.script.overwrite_output_dir:
-        return OutputPlan(remove=[p for p in _checkpoints(out)])
+        return OutputPlan(overwrite=True)
+    if not is_marked(out):
+        raise RecipeError(
+            f"output_dir {out} is not empty and was not written by nexus-retrofit; pass "
+            "--overwrite_output_dir true to write into it (its files stay), or choose another folder"
+        )
     if previous is None or diff:
         why = (
             f"it holds a run of a different recipe ({'; '.join(diff)})"
@@ -309,7 +374,8 @@ def _previous_final_files(out: Path) -> list[Path]:
 
 
 def _snapshot(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} if out.is_dir() else {}
+    """Top-level entries and their modification times, to tell what the run wrote."""
+    return {p.name: p.lstat().st_mtime_ns for p in out.iterdir()} if out.is_dir() else {}
 
 
 def begin_output(out: Path, plan: OutputPlan, recipe_text: str) -> dict[str, int]:
@@ -322,18 +388,20 @@ def begin_output(out: Path, plan: OutputPlan, recipe_text: str) -> dict[str, int
     import json
 
     out.mkdir(parents=True, exist_ok=True)
-    old = _previous_final_files(out)  # read before the new record replaces the old one
+    if plan.overwrite and owned_and_foreign(out)[0]:
+        notify_left(out, remove_owned(out))  # what this tool wrote, never the user's entries
+        logger.warning("overwrite_output_dir: writing into %s (its earlier run removed)", out)
+    owned = set(owned_and_foreign(out)[0])
+    old = [p for p in _previous_final_files(out) if p.name in owned]  # read before the new record
+    claim(out, [], "train", complete=False)  # marked before the first write
     atomic_write_text(
         out / RUN_RECORD, json.dumps({"format": RECORD_FORMAT, "complete": False, "files": []}, indent=2)
     )
     for path in old:
         if path.name not in (RUN_RECORD, CONFIG_FILE):
             path.unlink(missing_ok=True)
-    for folder in plan.remove:
-        shutil.rmtree(folder)
-    if plan.remove:
-        logger.warning("overwrite_output_dir: writing into %s (old checkpoints removed)", out)
     atomic_write_text(out / CONFIG_FILE, recipe_text)
+    claim(out, [RUN_RECORD, CONFIG_FILE], "train", complete=False)
     return _snapshot(out)
 
 
@@ -346,8 +414,9 @@ def finish_output(out: Path, before: dict[str, int], recipe_text: str) -> None:
     files = sorted(
         n for n, t in after.items() if (n != RUN_RECORD and before.get(n) != t) or n == CONFIG_FILE
     )
-    record = {"format": RECORD_FORMAT, "complete": True, "files": files}
+    record = {"format": RECORD_FORMAT, "complete": True, "files": [n for n in files if (out / n).is_file()]}
     atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2))
+    claim(out, [*files, RUN_RECORD], "train", complete=True)
 
 
 def _on_main_then_share(training: TrainingArguments, fn: Callable[[], _T]) -> _T:
@@ -593,9 +662,7 @@ def run_training(
 
 
 def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any] | None) -> TrainResult:
-    from .data import load_datasets
-    from .lora import check_peft_engine, lora_config, merge_adapters
-    from .trainer import NexusSFTTrainer
+    from .lora import check_peft_engine
 
     parsed = recipe if isinstance(recipe, Recipe) else parse_recipe(recipe, overrides)
     for note in parsed.apply_env():  # the recipe is valid: now its `env:` block may take effect
@@ -605,7 +672,27 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
     check_peft_engine(training, parsed.model.use_peft)
     if "include_num_input_tokens_seen" not in parsed.values:
         training.include_num_input_tokens_seen = "non_padding"  # for tokens/s in the logs and the result
-    plan = _on_main_then_share(training, lambda: plan_output_dir(parsed))
+    with contextlib.ExitStack() as held:
+        out = Path(training.output_dir)
+
+        def lock_and_plan() -> OutputPlan:
+            _check_location(out)
+            try:  # one run per folder: a second writer is refused, a killed one never blocks it
+                held.enter_context(output_lock(out, "train", "output_dir"))
+            except OutputError as e:
+                raise RecipeError(str(e)) from None
+            return plan_output_dir(parsed)
+
+        plan = _on_main_then_share(training, lock_and_plan)
+        return _run_locked(parsed, plan, out)
+
+
+def _run_locked(parsed: Recipe, plan: OutputPlan, out: Path) -> TrainResult:
+    from .data import load_datasets
+    from .lora import lora_config, merge_adapters
+    from .trainer import ClaimCheckpoints, NexusSFTTrainer
+
+    training = parsed.training
     for note in plan.notes:
         logger.warning("%s", note)
 
@@ -616,11 +703,8 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
     peft_config = lora_config(parsed.model, model)
     nexus = None if parsed.nexus is None or settings is None else parsed.nexus.resolved(settings)
 
-    out = Path(training.output_dir)
     recipe_text = _config_header() + parsed.to_yaml(nexus)
     main = training.distributed_state.is_main_process
-    before = begin_output(out, plan, recipe_text) if main else {}
-    training.distributed_state.wait_for_everyone()  # no rank writes before the old final model is gone
 
     trainer = NexusSFTTrainer(
         model=model,
@@ -632,6 +716,11 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
         inner_lr_multiplier=parsed.nexus.inner_lr_multiplier if nexus else 1.0,
         inner_only_steps=parsed.nexus.inner_only_steps if nexus else 0,
     )
+    # The trainer has tokenized and truncated the data: only now is the old run's final model removed.
+    before = begin_output(out, plan, recipe_text) if main else {}
+    training.distributed_state.wait_for_everyone()  # no rank writes before the old final model is gone
+    if main:
+        trainer.add_callback(ClaimCheckpoints(out))
     # use_liger_kernel: the Trainer patches the Nexus model like its family (train/liger.py registers it)
     if _quiet():
         _progress_without_log_lines(trainer)

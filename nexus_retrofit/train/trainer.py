@@ -15,7 +15,9 @@ under every AdamW variant. The scheduler scales every group, so warmup and decay
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -332,3 +334,20 @@ class NexusSFTTrainer(SFTTrainer):
                 logs[f"nexus_path_{p}"] = round(value, 6)
             self._path_strength = {}
         super().log(logs, start_time)
+
+
+class ClaimCheckpoints(TrainerCallback):
+    """Each checkpoint-N the Trainer saves is recorded as this tool's (nexus_retrofit.safe_output's
+    manifest) as soon as it exists, so an --overwrite_output_dir after a killed run removes it."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        from ..safe_output import claim
+
+        name = f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and (self.output_dir / name).is_dir():
+            claim(self.output_dir, [name], "train")

@@ -113,7 +113,7 @@ CASES = [
         id="experiment-quick-keeps-committed",
     ),
     pytest.param(
-        ["experiment", "multihop", "--output-dir", "eval/results/experiments/multihop"], 2, "--overwrite",
+        ["experiment", "multihop", "--output-dir", "eval/results/experiments/multihop"], 2, "not written by",
         "committed", _fake_experiment, id="experiment-refuses-replacing-results",
     ),
     pytest.param(
@@ -122,7 +122,7 @@ CASES = [
     ),
     pytest.param(["bench", "counts"], 0, "runs/perf", "committed", _cheap_counts, id="counts-keeps-committed"),
     pytest.param(
-        ["bench", "counts", "--output-dir", "eval/results/perf"], 2, "--overwrite", "committed", _cheap_counts,
+        ["bench", "counts", "--output-dir", "eval/results/perf"], 2, "not written by", "committed", _cheap_counts,
         id="counts-refuses-replacing-results",
     ),
     pytest.param(
@@ -187,9 +187,11 @@ def test_convert_replaces_its_own_output_with_ordinary_permissions_and_no_tempor
     assert marker["tool"] == "nexus-retrofit" and marker["command"] == "convert" and marker["complete"]
     again = runner.invoke(app, ["convert", str(base_dir), "out"])
     assert again.exit_code == 2 and "--overwrite" in again.output
-    (work / "out" / "extra.txt").write_text("from the earlier run")
-    assert runner.invoke(app, ["convert", str(base_dir), "out", "--overwrite"]).exit_code == 0
-    assert not (work / "out" / "extra.txt").exists() and (work / "out" / "config.json").is_file()
+    (work / "out" / "extra.txt").write_text("added by the user since")
+    replaced = runner.invoke(app, ["convert", str(base_dir), "out", "--overwrite"])
+    assert replaced.exit_code == 0 and "extra.txt" in replaced.output  # named as left in place
+    assert (work / "out" / "extra.txt").read_text() == "added by the user since"
+    assert (work / "out" / "config.json").is_file()
     assert sorted(p.name for p in work.iterdir() if ".tmp-" in p.name) == [foreign.name]
 
 
@@ -237,10 +239,12 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
 def test_prepare_output_dir_replaces_only_a_marked_folder(tmp_path):
     out = safe_output.prepare_output_dir(tmp_path / "demo", overwrite=False, command="demo")
     (out / "summary.md").write_text("old")
+    safe_output.claim(out, ["summary.md"], "demo")
     with pytest.raises(OutputError, match="--overwrite"):
         safe_output.prepare_output_dir(out, overwrite=False)
+    (out / "NOTES.md").write_text("the user's, added since")
     assert safe_output.prepare_output_dir(out, overwrite=True, command="demo") == out
-    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "NOTES.md"]
     (out / MARKER).unlink()
     (out / "user.txt").write_text("mine now")
     with pytest.raises(OutputError, match="not written by nexus-retrofit"):

@@ -178,8 +178,8 @@ def test_different_settings_are_not_mixed(tmp_path, tiny_model_dir, tiny_tokeniz
 def test_samples_without_results_are_not_adopted(
     tmp_path, tiny_model_dir, tiny_tokenizer, data_dir, scripted
 ):
-    (tmp_path / "samples_math_500.jsonl").write_text("")
-    with pytest.raises(ResumeError, match="no results.json"):
+    (tmp_path / "samples_math_500.jsonl").write_text("")  # not this tool's (no marker, no results.json)
+    with pytest.raises(ValueError, match="not written by nexus-retrofit"):
         evaluate(settings(tiny_model_dir, data_dir), tmp_path, backend=scripted(tiny_tokenizer, by_sample))
 
 
