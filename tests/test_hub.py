@@ -50,11 +50,14 @@ def checkpoint(tmp_path, nexus_checkpoint):
 
 
 @pytest.fixture
-def results_file(tmp_path):
+def results_file(tmp_path, checkpoint):
+    """A results.json scored on `checkpoint` (its fingerprint, as `nexus-retrofit eval` records it)."""
+    from nexus_retrofit.evaluation.runner import local_fingerprint
+
     results = {
         "format": "nexus-retrofit-eval/1",
         "complete": True,
-        "model": {"path": "/x/model"},
+        "model": {"path": str(checkpoint), "fingerprint": local_fingerprint(checkpoint)},
         "settings": {"backend": "vllm", "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 32768, "seed": 1234, "limit": None},
         "versions": {"math-verify": "0.9.0", "transformers": "5.19.0", "vllm": "0.33.0"},
         "tasks": {
@@ -143,7 +146,7 @@ def test_push_uploads_safetensors_and_the_card(checkpoint, results_file, fake_hu
         "recipe.yaml",
     } <= set(uploaded)
     assert "training_args.bin" not in uploaded and not any(u.startswith("checkpoint-10") for u in uploaded)
-    assert {"training_args.bin", "checkpoint-10/model.safetensors"} <= set(plan.skipped)
+    assert {"training_args.bin", "checkpoint-10/"} <= set(plan.skipped)  # a folder is one entry
 
     card = ModelCard.load(remote / "README.md")
     assert card.data.base_model == "Qwen/Qwen2.5-1.5B-Instruct"

@@ -34,7 +34,12 @@ def push(
     ),
     token: str = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token (default: your login)."),
 ) -> None:
-    """Upload a checkpoint (safetensors only) with a model card: settings, usage, recipe, eval table."""
+    """Upload a checkpoint with a model card: settings, usage, recipe, eval table.
+
+    Only model files are uploaded (top-level safetensors, config, tokenizer, bundled modeling code,
+    card, recipe); everything else is listed as left out. Refused: credentials in those files, symlinks
+    out of the folder, and --results scored on another model or holding scores outside [0, 1].
+    """
     from huggingface_hub.errors import HfHubHTTPError
 
     from ..hub import PushError, push_to_hub
@@ -72,9 +77,10 @@ def push(
     for name in plan.files:
         typer.echo(f"  {name}")
     if plan.skipped:
-        typer.echo("left out (pickles, trainer state, caches, recipes holding secrets):")
-        for name in plan.skipped:
-            typer.echo(f"  {name}")
+        typer.echo("left out (only model files are uploaded):")
+        width = max(len(name) for name in plan.skipped)
+        for name, why in plan.skipped.items():
+            typer.echo(f"  {name.ljust(width)}  {why}")
     if plan.url:
         console.print(f"[green]done[/]: {plan.url}")
 
