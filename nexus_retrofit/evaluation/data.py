@@ -113,6 +113,14 @@ def _check_rows(task: Task, rows: list[dict[str, Any]], where: str) -> None:
         empty = [c for c in required if row[c] is None]
         if empty and not (empty == [task.columns.get("answer")] and task.columns.get("solution") in row):
             raise DataError(f"{where} row {i} has an empty {empty[0]!r} (required for task {task.name})")
+        conflict = task.choice_conflict(row)
+        if conflict is not None:
+            pid = task.columns.get("id")
+            named = f" (id {row[pid]!r})" if pid and row.get(pid) is not None else ""
+            raise DataError(
+                f"{where} row {i}{named}: {conflict}; a multiple-choice row of task {task.name} needs "
+                "distinct, non-empty choices: fix the row or remove it from the data"
+            )
 
 
 def _resolve_hub_revision(task: Task) -> str | None:

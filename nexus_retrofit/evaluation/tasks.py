@@ -147,11 +147,37 @@ class Task:
         return [c[r] for r in roles if r in c]
 
     # ------------------------------------------------------------------------------------- problems
+    def choice_conflict(self, row: Mapping[str, Any]) -> str | None:
+        """Why a multiple-choice row cannot be asked: an empty choice, or two choices with the same text
+        once whitespace is normalised (the grader could not tell the gold letter from its twin). None
+        when the row is fine, or for an open-answer task."""
+        if not self.is_multiple_choice:
+            return None
+        c = self.columns
+        seen: dict[str, str] = {}
+        for column in (c["correct"], *c["incorrect"]):
+            value = row.get(column)
+            text = " ".join(str(value).split()) if value is not None else ""
+            if not text:
+                return f"choice column {column!r} is empty"
+            if text in seen:
+                return (
+                    f"choice columns {seen[text]!r} and {column!r} are both {text!r} "
+                    "(after whitespace normalisation)"
+                )
+            seen[text] = column
+        return None
+
     def problem(self, row: Mapping[str, Any], index: int, seed: int) -> Problem:
         """Build the prompt and gold of one dataset row (GPQA-style choices shuffled by `seed`)."""
         c = self.columns
         pid = str(row[c["id"]]) if "id" in c and row.get(c["id"]) is not None else str(index)
         if self.is_multiple_choice:
+            conflict = self.choice_conflict(row)
+            if conflict is not None:
+                raise TaskError(
+                    f"task {self.name}: row {index}: {conflict}; every choice must be distinct and non-empty"
+                )
             question = _text(row, c["question"], index)
             options = [_text(row, c["correct"], index)] + [_text(row, col, index) for col in c["incorrect"]]
             order = choice_permutation(question, len(options), seed)  # order[k] = option shown at letter k
@@ -262,9 +288,12 @@ def _parse_task_file(path: Path) -> tuple[Any, list[int | None]]:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
+        from ..yaml_loading import DuplicateKeyError, load_yaml_document
+
         try:
-            node = yaml.compose(text)
-            data = yaml.safe_load(text)
+            data, node = load_yaml_document(text, source=f"task file {path}")
+        except DuplicateKeyError as e:
+            raise TaskError(str(e)) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -277,10 +306,43 @@ def _parse_task_file(path: Path) -> tuple[Any, list[int | None]]:
         )
         return data, starts
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise TaskError(f"task file {path} line {e.lineno} is not valid JSON: {e.msg}") from None
+    except _DuplicateJSONKey as e:
+        raise TaskError(_duplicate_json_key(path, text, e.key)) from None
     return data, [None] * (len(data) if isinstance(data, list) else 1)
+
+
+class _DuplicateJSONKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads object_pairs_hook: a key stated twice in one object is an error, not the last value."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateJSONKey(key)
+        data[key] = value
+    return data
+
+
+def _duplicate_json_key(path: Path, text: str, key: str) -> str:
+    """The one-line error for a JSON key stated twice, with both lines when the YAML loader can read
+    the file (JSON without tabs is YAML) to find them."""
+    from ..yaml_loading import DuplicateKeyError, load_yaml
+
+    try:
+        load_yaml(text, source=f"task file {path}")
+    except DuplicateKeyError as e:
+        return str(e)
+    except Exception:  # not readable as YAML: name the key without its lines
+        pass
+    return (
+        f"task file {path}: duplicate key {key!r}; keep one of them (otherwise the last would silently win)"
+    )
 
 
 def load_task_file(path: str | Path) -> list[Task]:

@@ -25,6 +25,7 @@ import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from ..modeling import NexusConfig
+from ..yaml_loading import DuplicateKeyError, load_yaml
 from .data import parse_mixture
 from .errors import RecipeError
 from .lora import base_lora_config
@@ -88,8 +89,20 @@ class NexusScriptArguments(ScriptArguments):
             "help": "Allow writing into a non-empty output_dir that holds another run (its checkpoints are removed)."
         },
     )
+    dataset_max_dropped_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Largest share (0-1) of training rows that may have no completion tokens to learn from "
+            "(truncated away by max_length, empty, or not ending on the assistant's turn) before the run "
+            "refuses to start; 0: any such row is an error."
+        },
+    )
 
     def __post_init__(self) -> None:
+        share = self.dataset_max_dropped_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise RecipeError(f"dataset_max_dropped_share must be a number in [0, 1], got {share!r}")
+        self.dataset_max_dropped_share = float(share)
         if isinstance(self.dataset_mixture, str):
             try:
                 self.dataset_mixture = json.loads(self.dataset_mixture)
@@ -223,7 +236,13 @@ def _load(recipe: dict | str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path.resolve()}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"), source=f"recipe {path}")
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"recipe {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+        ) from None
+    except DuplicateKeyError as e:
+        raise RecipeError(str(e)) from None
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
     if data is None:

@@ -111,11 +111,33 @@ def test_open_r1_names_are_mapped_with_a_note(recipe, old, value, new, expected)
         ),
         ({"model_name_or_path": None}, "model_name_or_path is required"),
         ({"dataset_name": None}, "dataset_name .*is required"),
+        ({"dataset_max_dropped_share": 2}, r"dataset_max_dropped_share must be a number in \[0, 1\], got 2"),
+        ({"dataset_max_dropped_share": "many"}, "dataset_max_dropped_share.*invalid float value: 'many'"),
     ],
 )
 def test_bad_recipes_name_the_key(recipe, change, message):
     with pytest.raises(RecipeError, match=message):
         run_training({**recipe, **change})
+
+
+DUPLICATE_KEYS = [  # YAML text appended to a valid recipe -> (key, first line, second line) named in the error
+    pytest.param("learning_rate: 2.0e-5\n", "learning_rate", id="learning-rate-twice"),
+    pytest.param("warmup_steps: 1\nwarmup_steps: 2\n", "warmup_steps", id="adjacent-lines"),
+    pytest.param("nexus:\n  order: 2\n  order: 3\n", "order", id="in-the-nexus-block"),
+    pytest.param("env:\n  WANDB_PROJECT: a\n  WANDB_PROJECT: b\n", "WANDB_PROJECT", id="in-the-env-block"),
+]
+
+
+@pytest.mark.parametrize("extra,key", DUPLICATE_KEYS)
+def test_a_key_stated_twice_is_an_error(recipe, tmp_path, extra, key):
+    text = yaml.safe_dump(recipe, sort_keys=False) + extra
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip().startswith(f"{key}:")]
+    assert len(lines) == 2
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(path)
+    assert str(e.value).startswith(f"recipe {path}: duplicate key '{key}' on lines {lines[0]} and {lines[1]}")
 
 
 def test_unknown_override_names_the_key(recipe):
