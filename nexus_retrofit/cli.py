@@ -13,6 +13,7 @@ from .commands import convert as convert_commands
 from .commands import demo as demo_commands
 from .commands import evaluate as evaluate_commands
 from .commands import experiment as experiment_commands
+from .commands import guard
 from .commands import push as push_commands
 from .commands import train as train_commands
 
@@ -31,6 +32,11 @@ def options(
     ),
 ) -> None:
     """Upgrade pretrained LLMs to Nexus higher-order attention, fine-tune, evaluate and publish them."""
+    import os
+
+    from .commands import VERBOSE_ENV
+
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     if not verbose:
         quiet_libraries()
 
@@ -71,6 +77,17 @@ app.command("compare")(evaluate_commands.compare_command)
 app.command("grade")(evaluate_commands.grade_command)
 app.command("push")(push_commands.push)
 app.command("train", context_settings=train_commands.CONTEXT_SETTINGS)(train_commands.train)
+
+
+def _guard_all(typer_app: typer.Typer) -> None:
+    """Every command, in every group: one error line instead of a traceback (commands.guard)."""
+    for info in typer_app.registered_commands:
+        info.callback = guard(info.callback)
+    for group in typer_app.registered_groups:
+        _guard_all(group.typer_instance)
+
+
+_guard_all(app)
 
 
 def main() -> None:

@@ -274,8 +274,9 @@ def output_lock(folder: str | os.PathLike, command: str = "", flag: str = "outpu
         if same:
             break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{command or 'a command'}, pid {os.getpid()} on {socket.gethostname()}".encode())
+    with contextlib.suppress(OSError):  # who holds it, for the refusal message; a full disk may refuse it
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{command or 'a command'}, pid {os.getpid()} on {socket.gethostname()}".encode())
     _held[folder] = 1
     try:
         yield

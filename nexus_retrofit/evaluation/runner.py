@@ -621,9 +621,7 @@ def _evaluate(
         get_backend()
     output_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:  # what this runner wrote here before, and nothing else (the manifest)
-        notify_left(
-            output_dir, [n for n in remove_owned(output_dir) if _writes(plans)(n) or n.startswith("samples_")]
-        )
+        notify_left(output_dir, remove_owned(output_dir))
 
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,

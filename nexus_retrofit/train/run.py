@@ -103,12 +103,16 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
 def _previous_identity(folder: Path) -> dict[str, Any] | None:
     import yaml
 
+    from ..yaml_loading import load_yaml
+
     path = folder / CONFIG_FILE
     if not path.is_file():
         return None
     try:
-        previous = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+        previous = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return None
+    if not isinstance(previous, dict):
         return None
     values = {k: previous.get(k) for k in IDENTITY_KEYS}
     values["use_peft"] = bool(values["use_peft"])
@@ -405,7 +409,9 @@ def begin_output(out: Path, plan: OutputPlan, recipe_text: str) -> dict[str, int
     return _snapshot(out)
 
 
-def finish_output(out: Path, before: dict[str, int], recipe_text: str) -> None:
+def finish_output(
+    out: Path, before: dict[str, int], recipe_text: str, data: dict[str, Any] | None = None
+) -> None:
     """After the final model is saved (main process): the recipe, then the record listing its files."""
     import json
 
@@ -415,6 +421,8 @@ def finish_output(out: Path, before: dict[str, int], recipe_text: str) -> None:
         n for n, t in after.items() if (n != RUN_RECORD and before.get(n) != t) or n == CONFIG_FILE
     )
     record = {"format": RECORD_FORMAT, "complete": True, "files": [n for n in files if (out / n).is_file()]}
+    if data is not None:
+        record["data"] = data  # rows read, dropped (by reason) and kept
     atomic_write_text(out / RUN_RECORD, json.dumps(record, indent=2))
     claim(out, [*files, RUN_RECORD], "train", complete=True)
 
@@ -661,6 +669,17 @@ def run_training(
             end_distributed(succeeded)
 
 
+def _push(out: Path, training: TrainingArguments) -> None:
+    from ..hub import PushError, push_to_hub
+
+    repo_id = training.hub_model_id or out.name
+    try:
+        plan = push_to_hub(out, repo_id, private=bool(training.hub_private_repo), token=training.hub_token)
+    except PushError as e:
+        raise RecipeError(f"push_to_hub: {e}") from None
+    logger.info("pushed %s to %s (%d files)", out, plan.url or repo_id, len(plan.files))
+
+
 def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any] | None) -> TrainResult:
     from .lora import check_peft_engine
 
@@ -688,7 +707,7 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
 
 
 def _run_locked(parsed: Recipe, plan: OutputPlan, out: Path) -> TrainResult:
-    from .data import load_datasets
+    from .data import account_rows, load_datasets
     from .lora import lora_config, merge_adapters
     from .trainer import ClaimCheckpoints, NexusSFTTrainer
 
@@ -699,12 +718,23 @@ def _run_locked(parsed: Recipe, plan: OutputPlan, out: Path) -> TrainResult:
     # everything is loaded and validated before the output folder is touched
     train_ds, eval_ds, data_format = load_datasets(parsed.script, training)
     tokenizer = load_tokenizer(parsed, conversational=data_format == "messages")
+    # rows read, dropped (and why) and kept, as the trainer will see them: refused before any write
+    data_report = account_rows(train_ds, tokenizer, parsed.script, training)
+    logger.info("%s", data_report.summary())
+    train_ds = data_report.without_dropped(train_ds)  # an allowed share of rows without completion tokens
+    if eval_ds is not None:
+        eval_ds = account_rows(eval_ds, tokenizer, parsed.script, training, evaluation=True).without_dropped(
+            eval_ds
+        )
     model, settings = load_model(parsed)
     peft_config = lora_config(parsed.model, model)
     nexus = None if parsed.nexus is None or settings is None else parsed.nexus.resolved(settings)
 
     recipe_text = _config_header() + parsed.to_yaml(nexus)
     main = training.distributed_state.is_main_process
+    # push_to_hub: not the Trainer's (it uploads the whole folder, checkpoints and logs, at every save)
+    # but `nexus-retrofit push`'s allow-list and secret checks, once, after the final save
+    push, training.push_to_hub = training.push_to_hub, False
 
     trainer = NexusSFTTrainer(
         model=model,
@@ -743,9 +773,9 @@ def _run_locked(parsed: Recipe, plan: OutputPlan, out: Path) -> TrainResult:
     trainer.save_model(training.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training.output_dir)
-        finish_output(out, before, recipe_text)
-    if training.push_to_hub:
-        trainer.push_to_hub(tags=["nexus-retrofit"])
+        finish_output(out, before, recipe_text, data=data_report.to_dict())
+    if push and trainer.accelerator.is_main_process:  # the final model, through push's allow-list
+        _push(out, training)
     for tracker in trainer.accelerator.trackers:
         tracker.finish()
     return TrainResult(
