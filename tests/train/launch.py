@@ -8,6 +8,7 @@ Output goes to files, not pipes, so no wait depends on a rank closing its end of
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -27,7 +28,28 @@ DIST_VARS = {
     "GROUP_RANK",
 }
 MARKER = "NEXUS_RETROFIT_TEST_LAUNCH"
-LAUNCH_TIMEOUT = 150  # a healthy two-process run takes ~10-40 s on 2 loaded cores
+# A healthy two-process run takes ~10-40 s on 2 loaded cores, most of it each rank importing torch,
+# transformers and TRL: the limit is derived from how long that import takes on this machine right now.
+MIN_LAUNCH_TIMEOUT = 150
+STARTUPS_PER_LAUNCH = 25  # a run is a few rank start-ups plus training: generous, still bounded
+
+
+@functools.cache
+def startup_seconds() -> float:
+    """Seconds a fresh interpreter here takes to import what a rank imports (measured once a session)."""
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-c", "import torch, transformers, trl, accelerate"],
+        check=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.monotonic() - started
+
+
+def launch_timeout() -> float:
+    return max(MIN_LAUNCH_TIMEOUT, STARTUPS_PER_LAUNCH * startup_seconds())
 
 
 def free_port() -> int:
@@ -98,7 +120,7 @@ def accelerate_launch(
     folder: Path,
     env: dict[str, str] | None = None,
     retry_args: list[str] = (),
-    timeout: float = LAUNCH_TIMEOUT,
+    timeout: float | None = None,
 ) -> tuple[int | None, Path]:
     """`accelerate launch LAUNCHER_ARGS PROGRAM`, bounded; (exit code or None, the last log).
 
@@ -106,6 +128,7 @@ def accelerate_launch(
     with `retry_args` appended to the program (e.g. to overwrite what the first try wrote).
     """
     code, log = None, folder / "launch-0.log"
+    timeout = launch_timeout() if timeout is None else timeout
     for attempt in range(2):
         command = [
             sys.executable, "-m", "accelerate.commands.launch", *launcher_args,

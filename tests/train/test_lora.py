@@ -106,7 +106,7 @@ def lora_run(tmp_path_factory):
         folder / "run",
         max_steps=3,
         per_device_train_batch_size=4,
-        max_length=96,
+        max_length=192,  # the whole arithmetic prompt and its completion (96 cut every completion away)
         learning_rate=1e-2,  # large, so every trained tensor visibly moves in three steps
         save_strategy="steps",
         save_steps=3,
