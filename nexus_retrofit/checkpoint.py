@@ -89,6 +89,15 @@ def check_config_dict(config: dict, source: str) -> None:
     model_type = config.get("model_type")
     if config.get("nexus") is not None or str(model_type).startswith("nexus_"):
         raise ValueError(f"{source} is already a Nexus model ({model_type}); convert the original base model")
+    custom = _custom_model_code(config.get("auto_map"))
+    if custom:
+        more = f" and {len(custom) - 1} more" if len(custom) > 1 else ""
+        raise ValueError(
+            f"{source}: config.json's auto_map names its own modeling code ({custom[0]}{more}), not the stock "
+            f"transformers {model_type!r} architecture: convert would replace that code with the stock "
+            f"{model_type!r} one. If that code is exactly the stock architecture, remove auto_map from "
+            "config.json and convert again"
+        )
     if model_type not in FAMILIES:
         raise ValueError(
             f"{source}: model_type {model_type!r} is not supported; supported model types: {', '.join(FAMILIES)}"
@@ -99,6 +108,21 @@ def check_config_dict(config: dict, source: str) -> None:
             f"{source}: num_key_value_heads={kv_heads} must divide num_attention_heads={heads}; "
             "fix config.json"
         )
+
+
+def _custom_model_code(auto_map: object) -> list[str]:
+    """The `auto_map` entries of a config.json that name a model's own config or model classes, as
+    "AutoModelForCausalLM: modeling_x.XForCausalLM" (the causal LM first); a tokenizer's custom code
+    does not count (convert copies tokenizer files as they are)."""
+    if not auto_map:
+        return []
+    if not isinstance(auto_map, dict):
+        return [f"auto_map: {auto_map!r}"]
+    keys = sorted(
+        (k for k in auto_map if str(k).startswith("AutoModel") or k == "AutoConfig"),
+        key=lambda k: (k != "AutoModelForCausalLM", k),
+    )
+    return [f"{k}: {auto_map[k]}" for k in keys]
 
 
 def read_source_config(source: str, revision: str | None = None) -> dict:

@@ -132,6 +132,26 @@ def _ignored(name: str) -> bool:
     return name == MARKER or bool(_TMP_RE.match(name))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(path: Path) -> None:
+    """Give files the tool wrote the mode any other file gets (0666 minus the umask): some writers
+    (safetensors through a temporary file) leave weights readable by their owner only (0600)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    wanted = 0o666 & ~_umask()
+    for file in files:
+        if file.is_symlink():
+            continue
+        mode = file.stat().st_mode & 0o777
+        if mode & 0o077 == 0 and wanted & 0o077:  # owner-only, where the umask would give others access
+            with contextlib.suppress(OSError):
+                os.chmod(file, mode | (wanted & 0o066))
+
+
 def claim(
     folder: str | os.PathLike,
     names: Iterable[str],
@@ -149,6 +169,8 @@ def claim(
     for name in names:
         path = folder / name
         if not _ignored(name) and (path.exists() or path.is_symlink()):
+            if not path.is_symlink():
+                ordinary_permissions(path)
             mine = {"kind": "file", "mutable": True} if mutable and path.is_file() else entry_print(path)
             files[name] = mine
     done = marker.get("complete", False) if complete is None else complete

@@ -80,3 +80,49 @@ def test_round_trip_without_the_package(tmp_path, family, settings, ids):
     )
     with torch.no_grad():
         assert torch.equal(model(ids).logits, torch.load(tmp_path / "out.pt"))
+
+
+# A source with its own modeling code (`auto_map`) is not the stock architecture that convert builds.
+CUSTOM = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+SOURCE_CONFIGS = [
+    # (config.json of the source, fragment of the one-line error, or None: accepted)
+    pytest.param({"auto_map": CUSTOM}, "auto_map names its own modeling code (AutoModelForCausalLM: modeling_x.XForCausalLM and 1 more)", id="custom-model-code"),
+    pytest.param({"auto_map": {"AutoConfig": "configuration_x.XConfig"}}, "(AutoConfig: configuration_x.XConfig)", id="custom-config-code"),
+    pytest.param({"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}, None, id="custom-tokenizer-only-ok"),
+    pytest.param({"auto_map": {}}, None, id="empty-auto-map-ok"),
+    pytest.param({"auto_map": CUSTOM, "model_type": "nexus_llama", "nexus": {}}, "already a Nexus model", id="nexus-source-as-before"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("changes,fragment", SOURCE_CONFIGS)
+def test_check_config_dict_refuses_custom_code(changes, fragment):
+    from nexus_retrofit.checkpoint import check_config_dict
+
+    config = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2, **changes}
+    if fragment is None:
+        check_config_dict(config, "src")
+        return
+    with pytest.raises(ValueError) as error:
+        check_config_dict(config, "src")
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("streaming", ["--streaming", "--no-streaming"])
+def test_convert_refuses_a_custom_code_source_before_writing(tmp_path, monkeypatch, streaming):
+    from typer.testing import CliRunner
+
+    import nexus_retrofit.checkpoint as checkpoint
+    from nexus_retrofit.cli import app
+    from tests.conftest import save_tiny_base
+
+    source = tmp_path / "base"
+    save_tiny_base(source, "llama")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "auto_map": CUSTOM}))
+    monkeypatch.setattr(checkpoint, "load_causal_lm", lambda *a, **k: pytest.fail("weights were loaded"))
+    result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "out"), streaming])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "auto_map names its own modeling code (AutoModelForCausalLM: modeling_x.XForCausalLM" in output
+    assert "stock 'llama'" in output and "Traceback" not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]

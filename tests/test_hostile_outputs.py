@@ -330,3 +330,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_output(writer, workspace,
         assert leftovers == [], leftovers  # no temporaries, no lock
         if (fs / "out").exists():  # an in-place writer may leave its (marked) folder, never half a file
             assert all(".tmp-" not in p.name for p in (fs / "out").rglob("*"))
+
+
+def test_a_rerun_that_would_train_on_nothing_keeps_the_previous_model(workspace, tmp_path):
+    """Before: --max_length cutting every completion away deleted the finished run's model, then crashed."""
+    train = next(w for w in WRITERS if w.name == "train")
+    out = tmp_path / "run"
+    assert run(train, out, workspace).exit_code == 0
+    before = contents(out)
+    line = one_error_line(runner.invoke(app, train.argv(out, workspace) + ["--max_length", "6"]))
+    assert "no completion tokens" in line and "--max_length" in line, line
+    assert contents(out) == before
+
+
+@pytest.mark.parametrize(
+    "writer", [pytest.param(w, id=w.name) for w in WRITERS if w.name in ("convert", "train")]
+)
+def test_weights_get_ordinary_permissions(writer, workspace, tmp_path):
+    """Before: model.safetensors was written 0600 (safetensors' temporary file), unreadable to a team."""
+    umask = os.umask(0o022)
+    try:
+        assert run(writer, tmp_path / "out", workspace).exit_code == 0
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert modes and all(mode == 0o644 for mode in modes.values()), modes

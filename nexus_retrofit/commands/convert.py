@@ -9,15 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..modeling.configuration_nexus import MAX_ORDER  # one limit for the CLI and NexusConfig
 from . import fail, one_line
 
 if TYPE_CHECKING:
     from ..modeling import NexusConfig
 
 console = Console(stderr=True)
-
-
-MAX_ORDER = 4  # order m costs 1 + (m-1)|P| attention calls per layer; beyond 4 nothing is tested
 
 
 def convert(

@@ -123,9 +123,9 @@ def _print_summary(results: dict, out: Path) -> None:
                 name,
                 f"{100 * t['pass@1']:.1f}",
                 f"{100 * t['stderr']:.1f}",
-                str(t["n_problems"]),
-                str(t["n_samples"]),
-                f"{t['extraction_failures']} ({100 * t['extraction_failure_rate']:.1f}%)",
+                str(t.get("n_problems", "?")),  # an older or hand-edited results.json may lack them
+                str(t.get("n_samples", "?")),
+                f"{t.get('extraction_failures', '?')} ({100 * t.get('extraction_failure_rate', float('nan')):.1f}%)",
             )
     Console().print(table)
     console.print(f"wrote {out / 'results.json'}")
@@ -200,15 +200,30 @@ def grade_command(
         if not samples.is_file():
             raise FileNotFoundError(f"no samples file at {samples}")
         records = []
-        for number, line in enumerate(samples.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{samples} line {number} is not valid JSON: {e.msg}") from None
+        for number, raw in enumerate(samples.read_bytes().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8")
+                record = json.loads(line) if line.strip() else None
+            except UnicodeDecodeError:
+                raise ValueError(
+                    f"{samples} line {number} is not UTF-8 text; re-save the file as UTF-8"
+                ) from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{samples} line {number} is not valid JSON: {e.msg}") from None
+            if record is None:
+                continue
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{samples} line {number} is a JSON {type(record).__name__}, not an object with "
+                    "'completion' and 'gold'"
+                )
+            records.append(record)
         if not records:
             raise ValueError(f"{samples} has no lines to grade")
-        accuracy, correct, extracted = grade_samples(task, records)
+        try:
+            accuracy, correct, extracted = grade_samples(task, records)
+        except ValueError as e:
+            raise ValueError(f"{samples}: {e}") from None
     except (ValueError, FileNotFoundError) as e:
         raise fail(str(e)) from None
     if as_json:

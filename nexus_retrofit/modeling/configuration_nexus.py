@@ -34,6 +34,9 @@ if _release(transformers.__version__) < _release(TESTED_TRANSFORMERS[0]):
 from huggingface_hub.dataclasses import strict  # noqa: E402
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
+# Order m costs 1 + (m-1)|P| attention calls per layer (and as many KV-cache slots); nothing above
+# MAX_ORDER is tested. Order 1 is standard attention (a Nexus checkpoint that adds nothing).
+MAX_ORDER = 4
 PROJECTIONS = ("q", "k", "v")
 INNER_KINDS = ("separate", "shared", "self")
 GATE_KINDS = ("zero", "open", "none")
@@ -139,9 +142,14 @@ class NexusConfig:
     gate_lr_multiplier: float | str | None = "auto"  # "auto": DEFAULT_GATE_LR_MULTIPLIER[gate]
 
     def __post_init__(self) -> None:
-        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
+        if (
+            isinstance(self.order, bool)
+            or not isinstance(self.order, int)
+            or not 1 <= self.order <= MAX_ORDER
+        ):
             raise ValueError(
-                f"NexusConfig.order must be an integer >= 1 (1 = standard attention), got {self.order!r}"
+                f"NexusConfig.order must be an integer from 1 to {MAX_ORDER} (1 = standard attention; above "
+                f"{MAX_ORDER} is not supported), got {self.order!r}"
             )
         object.__setattr__(self, "projections", _parse_projections(self.projections))
         _resolve_defaults(self)
@@ -269,6 +277,7 @@ for _cls in (NexusQwen2Config, NexusLlamaConfig, NexusMistralConfig, NexusQwen3C
     _cls.register_for_auto_class("AutoConfig")
 
 __all__ = [
+    "MAX_ORDER",
     "TESTED_TRANSFORMERS",
     "NexusConfig",
     "NexusQwen2Config",

@@ -545,6 +545,17 @@ class _NexusModelMixin:
 
     nexus_attention_class: type[nn.Module]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, refusing a checkpoint whose Nexus tensors do not match its
+        `nexus` block (`check_nexus_tensors`): transformers would initialise a missing one at random
+        (different logits on every load) and drop an unexpected one, without an error."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        check_nexus_tensors(model, info, source)
+        return (model, info) if want_info else model
+
     def post_init(self) -> None:
         decoder = getattr(self, "model", self)  # *ForCausalLM holds the decoder as .model
         if any(isinstance(layer.self_attn, NexusAttentionMixin) for layer in decoder.layers):
@@ -560,18 +571,40 @@ class _NexusModelMixin:
         if isinstance(module, NexusAttentionMixin):
             init_nexus_parameters(module)
 
+    def initialize_weights(self) -> None:
+        """transformers' init pass, then the Nexus start values (gates, zero_out o_proj) for every Nexus
+        attention not started yet. The pass alone cannot be trusted with them: in a *ForCausalLM it runs
+        the inner `Model` with the family's own `_init_weights`, which knows no gates, and for a class
+        outside transformers ("custom code", as these are) it marks a module initialised when all its
+        direct parameters are: a Nexus attention has none, so its `_init_weights` never ran."""
+        super().initialize_weights()
+        _start_nexus_parameters(self)
+
+
+def _start_tensors(attention: NexusAttentionMixin) -> list[torch.Tensor]:
+    """The tensors `init_nexus_parameters` sets: gates, and with zero_out every inner o_proj."""
+    tensors = list(getattr(attention, "gates", {}).values())
+    if attention.nexus.inner_init == "zero_out" and hasattr(attention, "inner"):
+        for inner in attention.inner.values():
+            tensors += [t for t in (inner.o_proj.weight, inner.o_proj.bias) if t is not None]
+    return tensors
+
 
 @torch.no_grad()
 def _start_nexus_parameters(model: nn.Module) -> None:
-    """After post_init: the family's init pass runs on the inner `Model` with the family's own
-    `_init_weights`, which knows no gates; put every gate (and zero_out o_proj) at its start value."""
+    """Put every gate (and zero_out o_proj) of `model` at its start value, once per attention and not
+    on the meta device (a from_pretrained model starts there: its start comes after loading). A tensor
+    loaded from a checkpoint keeps its value (transformers marks it `_is_hf_initialized`, which the
+    `transformers.initialization` functions respect)."""
     for module in model.modules():
-        if isinstance(module, NexusAttentionMixin):
-            init_nexus_parameters(module)
+        if isinstance(module, NexusAttentionMixin) and not getattr(module, "_nexus_started", False):
+            if not any(t.is_meta for t in _start_tensors(module)):
+                init_nexus_parameters(module)
 
 
 def init_nexus_parameters(attention: NexusAttentionMixin) -> None:
-    """Gates to NexusConfig.gate_start; with inner_init="zero_out", every inner o_proj to 0."""
+    """Gates to NexusConfig.gate_start; with inner_init="zero_out", every inner o_proj to 0. Marks the
+    attention started (a later init pass leaves it alone, as transformers leaves initialised modules)."""
     nexus = attention.nexus
     for gate in getattr(attention, "gates", {}).values():
         init.constant_(gate, nexus.gate_start)
@@ -580,6 +613,98 @@ def init_nexus_parameters(attention: NexusAttentionMixin) -> None:
             init.zeros_(inner.o_proj.weight)
             if inner.o_proj.bias is not None:
                 init.zeros_(inner.o_proj.bias)
+    attention._nexus_started = not any(t.is_meta for t in _start_tensors(attention))
+
+
+# ------------------------------------------------------------------------- checkpoint integrity
+# The attributes under which a Nexus attention holds what a conversion adds (state-dict names
+# `...self_attn.inner.<p>.*` and `...self_attn.gates.<p>`; nexus_retrofit.modeling.names reads the same).
+NEXUS_SUBMODULES = ("inner", "gates")
+_SHOWN = 3  # tensor names an error message lists before "... (N in all)"
+
+
+class NexusCheckpointError(ValueError):
+    """A Nexus checkpoint whose Nexus tensors do not match its config's `nexus` block."""
+
+
+def _is_nexus_key(name: str) -> bool:
+    parts = name.split(".")
+    return any(a == "self_attn" and b in NEXUS_SUBMODULES for a, b in zip(parts, parts[1:]))
+
+
+def _own_nexus_names(attention: nn.Module) -> list[str]:
+    """The Nexus tensors of one attention, relative names (`inner.q.o_proj.weight`, `gates.q`)."""
+    return [
+        f"{sub}.{name}"
+        for sub in NEXUS_SUBMODULES
+        if hasattr(attention, sub)
+        for name in getattr(attention, sub).state_dict()
+    ]
+
+
+def nexus_tensor_names(model_or_config: nn.Module | transformers.PretrainedConfig) -> list[str]:
+    """The state-dict names of the Nexus tensors (inner modules, gates) that a Nexus model holds, or
+    that a Nexus config's `nexus` block implies (named as a *ForCausalLM checkpoint names them), in
+    layer order. Order 1, or inner="shared"/"self" with gate="none", implies none."""
+    if isinstance(model_or_config, nn.Module):
+        return [
+            f"{prefix}.{name}"
+            for prefix, module in model_or_config.named_modules()
+            if isinstance(module, NexusAttentionMixin)
+            for name in _own_nexus_names(module)
+        ]
+    config = model_or_config
+    attention_cls = _ATTENTION_CLASSES.get(config.model_type)
+    if attention_cls is None:
+        raise ValueError(
+            f"model_type {config.model_type!r} is not a Nexus model type ({', '.join(_ATTENTION_CLASSES)})"
+        )
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        own = _own_nexus_names(attention_cls(config, 0))
+    return [f"model.layers.{i}.self_attn.{name}" for i in range(config.num_hidden_layers) for name in own]
+
+
+def _listed(names: list[str]) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def check_nexus_tensors(model: nn.Module, loading_info: dict, source: object = None) -> None:
+    """Refuse (NexusCheckpointError, one line) a loaded checkpoint that lacks a Nexus tensor its
+    `nexus` block implies, or holds one the block does not imply. `loading_info` is what
+    from_pretrained returns with output_loading_info=True (a tensor with a mismatched shape counts as
+    missing: `ignore_mismatched_sizes` re-initialises it). Only Nexus tensors are checked here; base
+    tensors follow transformers' own rules (e.g. a tied lm_head)."""
+    absent = set(loading_info.get("missing_keys", ()))
+    absent |= {k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys", ())}
+    expected = nexus_tensor_names(model)
+    missing = [name for name in expected if name in absent]
+    unexpected = sorted(name for name in loading_info.get("unexpected_keys", ()) if _is_nexus_key(name))
+    if not missing and not unexpected:
+        return
+    nexus = model.config.nexus_config
+    block = f"order={nexus.order}, projections={''.join(nexus.projections)}, inner={nexus.inner}, gate={nexus.gate}"
+    where = source if source is not None else "the checkpoint"
+    if len(missing) == len(expected) and not unexpected:
+        raise NexusCheckpointError(
+            f"{where} holds none of the {len(expected)} Nexus tensors (inner attentions, gates) that its "
+            f"nexus block ({block}) implies: it is a base checkpoint, and {type(model).__name__} would start "
+            "them all at random. Build a Nexus model from a base checkpoint with `nexus-retrofit convert "
+            "SOURCE OUTPUT` (or nexus_retrofit.convert(model, NexusConfig(...)))"
+        )
+    found = []
+    if missing:
+        found.append(
+            f"lacks {len(missing)} Nexus tensor(s) that the nexus block implies ({_listed(missing)})"
+        )
+    if unexpected:
+        found.append(
+            f"holds {len(unexpected)} Nexus tensor(s) that it does not imply ({_listed(unexpected)})"
+        )
+    raise NexusCheckpointError(
+        f"{where} does not match its config's nexus block ({block}): it {' and '.join(found)}. Re-convert "
+        "the source model with `nexus-retrofit convert`, or fix the nexus block in config.json to match the weights"
+    )
 
 
 class NexusQwen2Model(_NexusModelMixin, Qwen2Model):
@@ -622,13 +747,23 @@ class NexusQwen3ForCausalLM(_NexusModelMixin, Qwen3ForCausalLM):
     nexus_attention_class = NexusQwen3Attention
 
 
+_ATTENTION_CLASSES = {
+    NexusQwen2Config.model_type: NexusQwen2Attention,
+    NexusLlamaConfig.model_type: NexusLlamaAttention,
+    NexusMistralConfig.model_type: NexusMistralAttention,
+    NexusQwen3Config.model_type: NexusQwen3Attention,
+}
+
 # save_pretrained copies this file (and configuration_nexus.py, which it imports) next to the weights.
 for _cls in (NexusQwen2ForCausalLM, NexusLlamaForCausalLM, NexusMistralForCausalLM, NexusQwen3ForCausalLM):
     _cls.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "NexusAttentionMixin",
+    "NexusCheckpointError",
+    "check_nexus_tensors",
     "init_nexus_parameters",
+    "nexus_tensor_names",
     "NexusQwen2Model",
     "NexusQwen2ForCausalLM",
     "NexusLlamaModel",

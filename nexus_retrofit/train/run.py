@@ -523,6 +523,12 @@ def load_model(recipe: Recipe) -> tuple[PreTrainedModel, NexusConfig | None]:
                 )
             settings = NexusConfig.from_dict(existing)
         else:
+            from ..checkpoint import check_config_dict
+
+            try:  # the same refusals as `convert` (custom modeling code, unsupported family), before any weights
+                check_config_dict(config.to_dict(), name)
+            except ValueError as e:
+                raise RecipeError(f"model_name_or_path: {e}") from None
             settings = recipe.nexus.nexus_config()
     elif existing is not None:
         logger.warning(

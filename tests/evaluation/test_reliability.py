@@ -235,3 +235,65 @@ def test_compare_plot_under_a_file_fails_first(cli, tmp_path):
     (tmp_path / "f").write_text("x")
     result = cli("compare", _run(tmp_path / "base", {}), "--plot", tmp_path / "f" / "plot.png")
     assert result.exit_code == 2 and "is under the file" in result.output and "| Model |" not in result.stdout
+
+
+# --- 6. the hostile round's eval and grade cases ---------------------------------------------------
+# (what is wrong, how to make it, extra args, message fragment). Before: a traceback (samples torn
+# inside a character, a bare JSON number), or 4 identical greedy samples reported as independent.
+HOSTILE_EVAL = [
+    (
+        "greedy-n4",
+        None,
+        ["--num-samples", "4", "--temperature", "0"],
+        "greedy decoding gives identical samples",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, make, extra, message", HOSTILE_EVAL, ids=[c[0] for c in HOSTILE_EVAL])
+def test_hostile_eval_inputs_are_one_line(
+    cli, tiny_model_dir, data_dir, tmp_path, case, make, extra, message
+):
+    out = tmp_path / "out"
+    result = cli(*_args(tiny_model_dir, data_dir, out), *extra)  # the row's options come last and win
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_a_samples_file_torn_inside_a_character_resumes(cli, tiny_model_dir, data_dir, tmp_path):
+    """A run killed mid-write inside a multi-byte character: the torn line is dropped on resume (before:
+    UnicodeDecodeError naming no file)."""
+    out = tmp_path / "out"
+    assert cli(*_args(tiny_model_dir, data_dir, out)).exit_code == 0
+    samples = out / "samples_aime24.jsonl"
+    samples.write_bytes(samples.read_bytes() + '{"completion": "é'.encode()[:-1])  # torn in the é
+    again = cli(*_args(tiny_model_dir, data_dir, out))
+    assert again.exit_code == 0, again.output
+    assert samples.read_bytes().endswith(b"\n")
+
+
+def test_a_non_utf8_samples_line_names_the_file_and_line(tmp_path):
+    from nexus_retrofit.evaluation.runner import read_samples
+
+    path = tmp_path / "samples_aime24.jsonl"
+    path.write_bytes(b'{"a": "\xff"}\n{"b": 1}\n')
+    with pytest.raises(ResumeError, match=r"samples_aime24.jsonl line 1 is not UTF-8"):
+        read_samples(path, 1, repair=False)
+
+
+GRADE_LINES = [  # (what is wrong, the file's bytes, message fragment). Before: TypeError traceback.
+    ("bare-number", b"7\n", "line 1 is a JSON int, not an object"),
+    ("list", b"[1, 2]\n", "line 1 is a JSON list, not an object"),
+    ("not-utf8", b'{"completion": "\xff", "gold": "1"}\n', "line 1 is not UTF-8"),
+    ("no-gold", b'{"completion": "1"}\n', "samples.jsonl: line 1 has no 'gold'"),
+]
+
+
+@pytest.mark.parametrize("case, content, message", GRADE_LINES, ids=[c[0] for c in GRADE_LINES])
+def test_grade_refuses_bad_lines_in_one_line(cli, tmp_path, case, content, message):
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(content)
+    result = cli("grade", "math_500", path)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output

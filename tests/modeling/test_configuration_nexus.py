@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nexus_retrofit import NexusConfig, convert
 from nexus_retrofit.modeling import NexusQwen2Config
+from nexus_retrofit.modeling.configuration_nexus import MAX_ORDER
 from tests.conftest import tiny_base_model
 
 
@@ -32,6 +35,8 @@ def test_projection_spellings_are_canonical(spelling):
         (dict(order=0), "order"),
         (dict(order=2.0), "order"),
         (dict(order=True), "order"),
+        pytest.param(dict(order=5), "order", id="order-above-max"),  # was accepted outside the CLI
+        pytest.param(dict(order=100), "order", id="order-100"),
         (dict(projections=""), "projections"),
         (dict(projections="qq"), "projections"),
         (dict(projections=("q", "o")), "projections"),
@@ -44,6 +49,30 @@ def test_projection_spellings_are_canonical(spelling):
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"NexusConfig.{field}"):
         NexusConfig(**kwargs)
+
+
+@pytest.mark.parametrize("order", [1, MAX_ORDER])
+def test_order_range_ends_are_accepted(order):
+    assert NexusConfig(order=order).order == order  # 1: standard attention (`convert --order 1`)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [pytest.param(MAX_ORDER + 1, id="max-plus-one"), pytest.param(100, id="order-100")],
+)
+def test_a_saved_order_above_the_maximum_is_refused_on_load(tmp_path, order):
+    """A checkpoint whose config.json says order 100 loaded silently (and ran 100 levels)."""
+    from transformers import AutoConfig
+
+    config = convert(tiny_base_model(), NexusConfig()).config
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["nexus"]["order"] = order
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(
+        ValueError, match=rf"NexusConfig.order must be an integer from 1 to {MAX_ORDER}.*got {order}"
+    ):
+        AutoConfig.from_pretrained(tmp_path)
 
 
 def test_unknown_keys_are_rejected():

@@ -93,7 +93,8 @@ def test_open_r1_names_are_mapped_with_a_note(recipe, old, value, new, expected)
         ({"load_in_4bit": True}, "load_in_4bit is not supported"),
         ({"use_peft": True, "lora_dropout": 2.0}, r"lora_dropout must be in \[0, 1\), got 2.0"),
         ({"use_peft": True, "lora_r": 0}, "lora_r must be an integer >= 1, got 0"),
-        ({"nexus": {"order": 0}}, r"nexus.order must be an integer >= 1"),
+        ({"nexus": {"order": 0}}, r"nexus.order must be an integer from 1 to 4"),
+        ({"nexus": {"order": 7}}, r"nexus.order must be an integer from 1 to 4"),  # before: accepted
         ({"nexus": {"inner": "bogus"}}, r"nexus.inner must be one of"),
         ({"nexus": {"inner": "shared", "inner_init": "copy"}}, r"nexus.inner_init='copy' only applies"),
         ({"nexus": {"projections": "qx"}}, r"nexus.projections"),
@@ -178,7 +179,7 @@ BAD_COMMAND_LINES = [
     (["--max_steps", "three"], "--max_steps.*invalid int value: 'three'"),
     (["--warmup_ratio", "3"], r"warmup_ratio must be in \[0, 1\)"),
     (["--nexus.order", "two"], "nexus.order must be an integer, got 'two'"),
-    (["--nexus.order", "0"], "nexus.order must be an integer >= 1"),
+    (["--nexus.order", "0"], "nexus.order must be an integer from 1 to 4"),
     (["--nexus.ordr", "2"], r"'nexus.ordr'"),
     (["--nexus.order"], "--nexus.order: expected one argument"),
     (["--nexus", "maybe"], "--nexus: invalid choice: 'maybe'"),
@@ -305,4 +306,4 @@ def test_cli_reports_a_bad_recipe(recipe, tmp_path):
     path = _write(tmp_path, recipe)
     result = CliRunner().invoke(app, ["train", str(path), "--nexus.order", "0"])
     assert result.exit_code == 2
-    assert "nexus.order must be an integer >= 1" in result.output
+    assert "nexus.order must be an integer from 1 to 4" in result.output
