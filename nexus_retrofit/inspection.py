@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .modeling import NexusConfig
+from .modeling.nexus_core import reading
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -76,14 +77,10 @@ def cache_slots(config: PretrainedConfig) -> list[CacheSlot]:
     if not nexus:
         return slots
     nexus = NexusConfig.from_dict(nexus)
-    for level in range(1, nexus.order):
-        if nexus.inner == "shared":
-            slots.append(CacheSlot(f"level {level}: shared inner", kv_heads))
-            continue
-        for p in nexus.projections:
-            # `self` attends over the projection's own heads: the q side keeps all query heads.
-            stored = heads if (nexus.inner == "self" and p == "q") else kv_heads
-            slots.append(CacheSlot(f"level {level}: inner-{p}", stored))
+    count = {"q": heads, "k": kv_heads, "v": kv_heads}
+    for sub in reading(nexus.inner).sub_attentions(nexus.projections, nexus.order):
+        # the cache keeps the keys' heads: `self`'s q side attends over every query head
+        slots.append(CacheSlot(sub.label, count[sub.heads[1]]))
     return slots
 
 

@@ -1,10 +1,12 @@
-"""Standalone Nexus attention for small CPU experiments, with the equations of modeling_nexus.py.
+"""A small Nexus attention layer for CPU experiments, over the one Nexus core (modeling/nexus_core.py).
 
 The experiments fit one attention map or train tiny transformers from scratch, so they use this
-small module instead of a full HF model. It computes exactly what `NexusAttentionMixin` computes
-(a test checks it against `NexusQwen2Attention` with RoPE at position 0 and zero q/k/v biases), minus
-what these tasks do not need: RoPE (the tasks carry no positional signal), GQA (one KV head per
-head) and the KV cache. Notation (docs/DESIGN.md §1, paper arXiv 2512.03377):
+small module instead of a full HF model. It is not an implementation of Nexus: the level loops, the
+gate and what each reading decides are `nexus_core`'s, the same code the transformers and vLLM models
+run; this layer supplies plain-PyTorch projections and attention, without what these tasks do not need:
+RoPE (the tasks carry no positional signal), GQA (one KV head per head) and the KV cache. A test
+checks it against `NexusQwen2Attention` with RoPE at position 0 and zero q/k/v biases. Notation
+(docs/DESIGN.md §1, paper arXiv 2512.03377):
 
     standard : Q = X Wq, K = X Wk, V = X Wv, O = softmax(Q K^T s + M) V Wo
     separate : X_p^(l) = X + g_p * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1))   (Sec. 4.4, Eq. 10-11)
@@ -24,6 +26,8 @@ import math
 
 import torch
 from torch import nn
+
+from ..modeling.nexus_core import Dims, GateSpec, inner_outputs, reading, refine_heads, refine_inputs
 
 VARIANTS = ("standard", "separate", "shared", "self", "mlp")
 
@@ -130,6 +134,9 @@ def matched_mlp_hidden(dim: int, n_heads: int, head_dim: int) -> int:
     return max(1, round((target - dim) / (2 * dim + 1)))
 
 
+GATES = GateSpec("zero", "channel", "identity")  # the experiments' gates: per channel, from zero
+
+
 class NexusMixer(nn.Module):
     """One attention layer: standard, Nexus (separate/shared/self) or the token-wise `mlp` control."""
 
@@ -137,6 +144,7 @@ class NexusMixer(nn.Module):
         super().__init__()
         self.spec = spec
         self.attn = HeadAttention(dim, n_heads, head_dim, causal)
+        self.reading = reading(spec.variant) if spec.variant != "standard" else None
         ps = spec.projections
         if spec.variant == "separate":
             self.inner = nn.ModuleDict({p: HeadAttention(dim, n_heads, head_dim, causal) for p in ps})
@@ -145,40 +153,63 @@ class NexusMixer(nn.Module):
             self.inner = nn.ModuleDict(
                 {p: nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)) for p in ps}
             )
-        if spec.variant != "standard":
-            width = n_heads * head_dim if spec.variant == "self" else dim
-            self.gates = nn.ParameterDict({p: nn.Parameter(torch.zeros(width)) for p in ps})
+        if self.reading is not None:
+            dims = Dims(dim, n_heads, n_heads, head_dim)
+            self.gates = nn.ParameterDict(
+                {p: nn.Parameter(torch.zeros(self.reading.gate_width(p, GATES, dims))) for p in ps}
+            )
 
     # ------------------------------------------------------------------------------- refinement
+    def _inner(self, level: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{p: Inner_p} at one level: the inner modules' (or, shared, the layer's own) attention."""
+        if self.spec.variant == "mlp":  # token-wise, on X: no attention
+            return {p: self.inner[p](inputs[p]) for p in self.spec.projections}
+        shared = self.reading.one_pass
+        passes: dict[str | None, torch.Tensor] = {}
+
+        def heads_of(p: str) -> torch.Tensor:
+            key = None if shared else p
+            if key not in passes:
+                module = self.attn if shared else self.inner[p]
+                out, _ = attend(*module.heads(inputs["q"], inputs["k"], inputs["v"]), module.causal)
+                passes[key] = module.merge(out)  # (B, n, h*d)
+            return passes[key]
+
+        return inner_outputs(
+            self.reading, self.spec.projections, self.gates, GATES, self.attn.head_dim, heads_of,
+            lambda p, heads: (self.attn if shared else self.inner[p]).o_proj(heads),
+        )  # fmt: skip
+
     def _refined_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{p: X_p} for separate / shared / mlp; unrefined projections keep X."""
-        spec, inputs = self.spec, {"q": x, "k": x, "v": x}
-        if spec.variant == "mlp":
-            return {**inputs, **{p: x + self.gates[p] * self.inner[p](x) for p in spec.projections}}
-        for _ in range(spec.order - 1):  # Eq. 10-11, inner weights and gates shared across levels
-            xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
-            if spec.variant == "shared":  # Eq. 12: one pass of the layer's own attention serves every p
-                y = self.attn(xq, xk, xv)
-                ys = {p: y for p in spec.projections}
-            else:
-                ys = {p: self.inner[p](xq, xk, xv) for p in spec.projections}
-            inputs = {**inputs, **{p: x + self.gates[p] * ys[p] for p in spec.projections}}
-        return inputs
+        """{p: X_p} for separate / shared / mlp (nexus_core.refine_inputs); unrefined projections keep X."""
+        order = 2 if self.spec.variant == "mlp" else self.spec.order  # the control is one token-wise step
+        return refine_inputs(
+            x, self.reading, self.spec.projections, order, self.gates, GATES, self.attn.head_dim, self._inner
+        )
 
     def _refined_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`self` (Eq. 7-8): P^(l) = P + g_p * softmax(P^(l-1) P^(l-1)^T s + M) P^(l-1), per head."""
-        q, k, v = self.attn.heads(x, x, x)  # (B, h, n, d)
-        base = {"q": q, "k": k, "v": v}
-        heads = base
-        for _ in range(self.spec.order - 1):
-            new = dict(heads)
+        """`self` (Eq. 7-8, nexus_core.refine_heads): P^(l) = P + g_p * softmax(P^(l-1) P^(l-1)^T s + M) P^(l-1)."""
+        attn = self.attn
+        base = {p: attn.merge(h) for p, h in zip("qkv", attn.heads(x, x, x))}  # (B, n, h*d)
+
+        def attend_self(level: int, heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = {}
             for p in self.spec.projections:
-                z = heads[p]
-                out, _ = attend(z, z, z, self.attn.causal)
-                gate = self.gates[p].view(self.attn.n_heads, 1, self.attn.head_dim)
-                new[p] = base[p] + gate * out
-            heads = new
-        return heads["q"], heads["k"], heads["v"]
+                z = attn.split(heads[p])
+                out[p] = attn.merge(attend(z, z, z, attn.causal)[0])
+            return out
+
+        heads = refine_heads(
+            base,
+            self.reading,
+            self.spec.projections,
+            self.spec.order,
+            self.gates,
+            GATES,
+            attn.head_dim,
+            attend_self,
+        )
+        return attn.split(heads["q"]), attn.split(heads["k"]), attn.split(heads["v"])
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The outer attention's Q, K, V heads (B, h, n, d) for input x (B, n, dim)."""

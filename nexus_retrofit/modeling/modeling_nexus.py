@@ -15,9 +15,11 @@ m) attention is the layer's own, fed with the refined inputs of level m-1:
     X_p^(l) = X + f(g_p) * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1))     (Eq. 10-11, gated residual)
     O       = Attn(X_q^(m-1), X_k^(m-1), X_v^(m-1))
 
-`forward` reads in that order: refine the inputs level by level (`_refined_heads`; `self` reading:
-`_self_refined_heads`, Eq. 7-8), project, rotate, cache, attend, and each level's inner output goes
-through the gate (`_gated`). All inner attentions of one level read the same inputs, so the paper's
+The recursion and what each reading decides (gate widths, the gate, one pass or one per projection)
+are written once, in nexus_core.py; this file is the transformers wrapper around it: the attention
+dispatch, the KV cache slots, the fused projections, the version and decoding checks. `forward`
+reads in the paper's order: refine the inputs level by level (`_refined_heads`, Eq. 10-11; `self`:
+`_self_refined_heads`, Eq. 7-8), project, rotate, cache, attend. All inner attentions of one level read the same inputs, so the paper's
 2^m - 1 calls (Eq. 13) collapse to 1 + |P|(m-1) distinct calls; the |P| calls of a level are one
 kernel call over stacked heads with one KV-cache slot per level. Level 1 reads X everywhere, so its
 q/k/v are one matmul (`project_all`), and the projections of X made there serve every later level.
@@ -62,6 +64,8 @@ from transformers.models.mistral.modeling_mistral import (  # noqa: E402
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2ForCausalLM, Qwen2Model  # noqa: E402
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3ForCausalLM, Qwen3Model  # noqa: E402
+
+from .nexus_core import Dims, GateSpec, gate_factor, inner_outputs, reading, refine_heads, refine_inputs  # noqa: E402
 
 # The keywords under which transformers has handed the KV cache to an attention module:
 # `past_key_values` up to 5.23, `cache` from 5.24 (the old name is a deprecated alias until 5.40).
@@ -190,9 +194,12 @@ class NexusAttentionMixin:
         super().__init__(config, layer_idx)
         nexus = NexusConfig.from_dict(config.nexus)
         self.nexus = nexus
+        self.reading = reading(nexus.inner)  # what the reading decides: nexus_core.py
+        self.gate_spec = GateSpec(nexus.gate, nexus.gate_shape, nexus.gate_fn)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        if nexus.inner == "separate" and nexus.levels > 0:
+        self.dims = Dims(config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim)
+        if self.reading.inner_modules and nexus.levels > 0:
             # Sec. 4.4: one full attention module per refined projection, same head layout and RoPE.
             self.inner = nn.ModuleDict(
                 {p: self.base_attention_class(config, layer_idx) for p in nexus.projections}
@@ -204,27 +211,19 @@ class NexusAttentionMixin:
                     for p in nexus.projections
                 }
             )
-        self.probe_path = False  # set by the trainer on logging steps: record path_strength in forward
-        self.path_strength: dict[str, float] = {}
+        # (p, X_p^(l-1) or P, X_p^(l) or P^(l)) at every level, when the trainer installs a probe
+        self.path_hook: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
 
     # ----------------------------------------------------------------------------------- helpers
-    def _heads(self, p: str) -> int:
-        return self.num_heads if p == "q" else self.num_kv_heads
-
     def _gate_width(self, p: str) -> int:
-        """Number of gate values of projection p: one per channel, per inner head, or one."""
-        shape = self.nexus.gate_shape
-        if shape == "scalar":
-            return 1
-        if shape == "head":  # the heads of the inner attention (self: the projection's own heads)
-            return self._heads(p) if self.nexus.inner == "self" else self.num_heads
-        # separate/shared refine the layer input (hidden size); self refines one projection's heads.
-        return self._heads(p) * self.head_dim if self.nexus.inner == "self" else self.config.hidden_size
+        return self.reading.gate_width(p, self.gate_spec, self.dims)
 
     def gate_values(self, p: str) -> torch.Tensor:
         """f(g_p): the gate as it multiplies the inner output (gate_fn applied), flat."""
-        gate = self.gates[p]
-        return torch.tanh(gate) if self.nexus.gate_fn == "tanh" else gate
+        return gate_factor(self.gates[p], self.gate_spec)
+
+    def _gates(self) -> nn.ParameterDict | None:
+        return getattr(self, "gates", None)
 
     def _sliding_window(self) -> int | None:
         if hasattr(self, "sliding_window"):
@@ -293,36 +292,6 @@ class NexusAttentionMixin:
         )
         return out, weights
 
-    def _gated(self, base: torch.Tensor, inner_out: torch.Tensor, p: str) -> torch.Tensor:
-        """X_p = X + f(g_p) * Inner_p(X) (gated residual), or the paper's X_p = Inner_p(X) (Eq. 10-11)."""
-        if self.nexus.gate == "none":
-            refined = inner_out
-        elif self.nexus.gate_shape == "head" and self.nexus.inner != "self":
-            refined = base + inner_out  # the head gates scaled the inner heads before o_proj
-        else:
-            gate = self.gate_values(p)
-            if self.nexus.inner == "self":  # heads are (B, n, h, d): per head and dimension, or per head
-                gate = (
-                    gate.view(-1, self.head_dim) if self.nexus.gate_shape == "channel" else gate.view(-1, 1)
-                )
-            refined = torch.addcmul(base, gate, inner_out)  # one kernel
-        if self.probe_path:
-            self._record_path_strength(base, refined, p)
-        return refined
-
-    @torch.no_grad()
-    def _record_path_strength(self, base: torch.Tensor, refined: torch.Tensor, p: str) -> None:
-        """||X_p - X|| / ||X|| (the gated path's share, ||f(g) * Inner_p(X)|| / ||X||) at the last level."""
-        path = refined if self.nexus.gate == "none" else refined - base
-        self.path_strength[p] = (path.float().norm() / base.float().norm().clamp_min(1e-12)).item()
-
-    def _inner_output(self, module: nn.Module, heads: torch.Tensor, p: str) -> torch.Tensor:
-        """Inner o_proj on the inner attention's heads (B, n, H*d); per-head gates scale the heads first."""
-        if self.nexus.gate != "none" and self.nexus.gate_shape == "head":
-            scaled = heads.view(*heads.shape[:-1], self.num_heads, -1) * self.gate_values(p)[:, None]
-            heads = scaled.flatten(-2)
-        return module.o_proj(heads)
-
     @staticmethod
     def _rope_qk(
         qk: torch.Tensor, q_heads: int, cos: torch.Tensor, sin: torch.Tensor
@@ -334,9 +303,6 @@ class NexusAttentionMixin:
         """
         z = _rope(qk.transpose(1, 2), cos, sin)
         return z[:, :q_heads], z[:, q_heads:]
-
-    def _per_head_gates(self) -> bool:
-        return self.nexus.gate != "none" and self.nexus.gate_shape == "head"
 
     # ------------------------------------------------------------------------------------ forward
     def forward(
@@ -355,7 +321,7 @@ class NexusAttentionMixin:
         cos, sin = position_embeddings
         if self.nexus.levels == 0:  # order 1: the base layer's own attention
             heads = project_all([self], x, self.head_dim)
-        elif self.nexus.inner == "self":
+        elif self.reading.on_heads:
             heads = self._self_refined_heads(x, cos, sin, attention_mask, cache, **kwargs)  # Eq. 7-8
         else:
             heads = self._refined_heads(x, cos, sin, attention_mask, cache, **kwargs)  # Eq. 10-11
@@ -383,20 +349,24 @@ class NexusAttentionMixin:
         cache: Cache | None,
         **kwargs,
     ) -> _Heads:
-        """The outer attention's q/k/v heads, on the inputs refined level by level:
+        """The outer attention's q/k/v heads, on the inputs refined level by level (nexus_core.refine_inputs):
 
         X_p^(0) = X,   X_p^(l) = X + f(g_p) * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1)),   l = 1 .. m-1
         """
-        shared = self.nexus.inner == "shared"
+        shared = self.reading.one_pass
         inner = [self] if shared else [self.inner[p] for p in self.nexus.projections]  # Eq. 12 / Sec. 4.4
         # Level 1 reads X everywhere: all q/k/v of the level in one matmul. These projections of X
         # hold at every level, so an unrefined one (V for QK) is taken from here, never recomputed.
         on_x = project_all(inner, x, self.head_dim)
-        inputs = {p: x for p in "qkv"}  # X_p^(0)
-        for level in range(1, self.nexus.order):
+
+        def level_inner(level: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             heads = on_x if level == 1 else self._heads_on(inner, inputs, x, on_x)
-            inner_out = self._inner_attention(inner, heads, level, cos, sin, attention_mask, cache, **kwargs)
-            inputs = {**inputs, **{p: self._gated(x, inner_out[p], p) for p in self.nexus.projections}}
+            return self._inner_attention(inner, heads, level, cos, sin, attention_mask, cache, **kwargs)
+
+        inputs = refine_inputs(
+            x, self.reading, self.nexus.projections, self.nexus.order, self._gates(), self.gate_spec,
+            self.head_dim, level_inner, self.path_hook,
+        )  # fmt: skip
         # shared: the layer's own projections of X were made at level 1 (its outer V is its inner V)
         return self._heads_on([self], inputs, x, on_x if shared else None)
 
@@ -438,14 +408,12 @@ class NexusAttentionMixin:
             **kwargs,
         )
         out = out.view(*out.shape[:2], len(modules), -1)  # (B, n, modules, H*d): a view per module
-        projections = self.nexus.projections
-        if self.nexus.inner == "shared" and not self._per_head_gates():
-            return dict.fromkeys(projections, self.o_proj(out[..., 0, :]))  # Eq. 12: one pass serves every p
-        owners = modules * len(projections) if self.nexus.inner == "shared" else modules
-        return {
-            p: self._inner_output(m, out[..., i % len(modules), :], p)
-            for i, (m, p) in enumerate(zip(owners, projections))
-        }
+        block = {p: i % len(modules) for i, p in enumerate(self.nexus.projections)}  # shared: one block
+        return inner_outputs(
+            self.reading, self.nexus.projections, self._gates(), self.gate_spec, self.head_dim,
+            heads_of=lambda p: out[..., block[p], :],
+            o_proj=lambda p, heads: modules[block[p]].o_proj(heads),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------ self (Eq. 7-8)
     def _self_refined_heads(
@@ -457,19 +425,25 @@ class NexusAttentionMixin:
         cache: Cache | None,
         **kwargs,
     ) -> _Heads:
-        """The outer heads of the `self` reading: per head, P^(l) = P + f(g_p) * softmax(R(P^(l-1))
-        R(P^(l-1))^T s + M) P^(l-1), every refined projection's heads in one kernel call per level."""
+        """The outer heads of the `self` reading (nexus_core.refine_heads): per head, P^(l) = P + f(g_p) *
+        softmax(R(P^(l-1)) R(P^(l-1))^T s + M) P^(l-1), every refined projection's heads in one kernel
+        call per level."""
         on_x = project_all([self], x, self.head_dim)
-        base = {"q": on_x.q, "k": on_x.k, "v": on_x.v}
-        heads = base
-        for level in range(1, self.nexus.order):
-            ps = self.nexus.projections
-            z = torch.cat([heads[p] for p in ps], dim=2).transpose(1, 2)  # (B, H + Hkv [+ Hkv], n, d)
-            rz = _rope(z, cos, sin)
+        base = {p: getattr(on_x, p).flatten(-2) for p in "qkv"}  # (B, n, heads_p * d), views
+        ps = self.nexus.projections
+
+        def attend_self(level: int, heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            z = torch.cat([_as_heads(heads[p], self.head_dim) for p in ps], dim=2).transpose(1, 2)
+            rz = _rope(z, cos, sin)  # (B, H + Hkv [+ Hkv], n, d)
             out, _ = self._attend(rz, rz, z, attention_mask, cache, self._cache_slot(level), 1, **kwargs)
-            refined = out.split([self._heads(p) for p in ps], dim=2)  # (B, n, heads_p, d) each
-            heads = {**heads, **{p: self._gated(base[p], o, p) for p, o in zip(ps, refined)}}
-        return _Heads(heads["q"], heads["k"], heads["v"])
+            refined = out.split([self.dims.of(p) for p in ps], dim=2)  # (B, n, heads_p, d) each
+            return {p: o.flatten(-2) for p, o in zip(ps, refined)}
+
+        heads = refine_heads(
+            base, self.reading, ps, self.nexus.order, self._gates(), self.gate_spec, self.head_dim,
+            attend_self, self.path_hook,
+        )  # fmt: skip
+        return _Heads(*(_as_heads(heads[p], self.head_dim) for p in "qkv"))
 
     # ------------------------------------------------------------------------------------ cache
     def _checked_cache(

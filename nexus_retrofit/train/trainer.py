@@ -97,19 +97,32 @@ def nexus_attentions(model: nn.Module) -> list[NexusAttentionMixin]:
     return [m for m in model.modules() if isinstance(m, NexusAttentionMixin)]
 
 
+class PathProbe:
+    """Installed as a Nexus attention's `path_hook`: keeps ||X_p - X|| / ||X|| of the last level (the
+    gated path's share, ||f(g_p) * Inner_p(X)|| / ||X||; with gate="none" ||X_p|| / ||X||)."""
+
+    def __init__(self, gated: bool) -> None:
+        self.gated = gated
+        self.strength: dict[str, float] = {}
+
+    @torch.no_grad()
+    def __call__(self, p: str, base: torch.Tensor, refined: torch.Tensor) -> None:
+        path = refined - base if self.gated else refined
+        self.strength[p] = (path.float().norm() / base.float().norm().clamp_min(1e-12)).item()
+
+
 def set_path_probes(model: nn.Module, on: bool) -> None:
-    """Make every Nexus attention record its path strength in its next forward passes (or stop)."""
+    """Install a fresh path probe on every Nexus attention for its next forward passes (or remove it)."""
     for attention in nexus_attentions(model):
-        attention.probe_path = on
-        if on:
-            attention.path_strength = {}
+        attention.path_hook = PathProbe(attention.gate_spec.gated) if on else None
 
 
 def path_strength(model: nn.Module) -> dict[str, float]:
     """Per refined projection p: ||f(g_p) * Inner_p(X)|| / ||X|| of the last probed forward, mean over layers."""
     values: dict[str, list[float]] = {}
     for attention in nexus_attentions(model):
-        for p, value in attention.path_strength.items():
+        probe = attention.path_hook
+        for p, value in probe.strength.items() if isinstance(probe, PathProbe) else ():
             values.setdefault(p, []).append(value)
     return {p: sum(v) / len(v) for p, v in values.items()}
 

@@ -3,7 +3,10 @@
 Subclass, don't fork: `NexusQwen2Attention`, `NexusQwen3Attention` and `NexusLlamaAttention` are
 vLLM's own attention classes (their `qkv_proj`, `o_proj`, rotary embedding, Qwen3's q/k norms and
 their `attn`, which becomes the outer attention) with the Nexus levels added in front. The maths is
-exactly `nexus_retrofit/modeling/modeling_nexus.py` (the reference; docs/DESIGN.md §1):
+not written here: the level loops, the gate and what each reading decides (gate widths, which
+sub-attentions exist, one pass or one per projection) are `nexus_retrofit/modeling/nexus_core.py`,
+the same code the transformers model runs; this file supplies vLLM's projections and attention layers
+(docs/DESIGN.md §1):
 
     X_p^(0) = X
     X_p^(l) = X + g_p * Inner_p(X_q^(l-1), X_k^(l-1), X_v^(l-1))     l = 1 .. m-1 (Eq. 10-11)
@@ -11,9 +14,9 @@ exactly `nexus_retrofit/modeling/modeling_nexus.py` (the reference; docs/DESIGN.
 
 (`self`: the same recursion on the pre-RoPE Q/K/V heads, Eq. 7-8; `gate="none"`: X_p = Inner_p).
 
-Every distinct sub-attention is its own vLLM `Attention` with its own paged KV cache: one per
-(level, refined projection) for `separate` and `self`, one per level for `shared` (its one inner
-pass serves every projection). Layer names hold exactly one integer, the layer index, e.g.
+Every distinct sub-attention (`Reading.sub_attentions`) is its own vLLM `Attention` with its own
+paged KV cache: one per (level, refined projection) for `separate` and `self`, one per level for
+`shared` (its one inner pass serves every projection). Layer names hold exactly one integer, the layer index, e.g.
 `model.layers.3.self_attn.inner_attn.k_level1` (vLLM's `extract_layer_index` requires it).
 
 Tensors are vLLM's flat token layout: (T, heads * head_dim) for T tokens of the whole batch.
@@ -37,6 +40,7 @@ from vllm.model_executor.models.qwen3 import Qwen3Attention
 from vllm.v1.attention.backend import AttentionType
 
 from ..modeling.configuration_nexus import NexusConfig
+from ..modeling.nexus_core import Dims, GateSpec, inner_outputs, reading, refine_heads, refine_inputs
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -98,44 +102,35 @@ class NexusAttentionMixin:
         if self.attn.attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"Nexus attention is causal (decoder) only, not {self.attn.attn_type}")
         self.qk_norm = _has_qk_norm(self)
-        # per-rank head counts of each projection (q: query heads; k, v: KV heads)
-        self.proj_heads = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
-        nexus, levels = self.nexus, range(1, self.nexus.order)
-        if nexus.inner == "separate" and nexus.levels > 0:
+        self.reading = reading(self.nexus.inner)
+        self.gate_spec = GateSpec(self.nexus.gate, self.nexus.gate_shape, self.nexus.gate_fn)
+        # this rank's head counts (q: query heads; k, v: KV heads); gates of hidden size are replicated
+        self.dims = Dims(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim)
+        nexus = self.nexus
+        if self.reading.inner_modules and nexus.levels > 0:
             self.inner = nn.ModuleDict(
                 {
                     p: NexusInnerProjections(self, quant_config, f"{prefix}.inner.{p}")
                     for p in nexus.projections
                 }
             )
-        if nexus.gate != "none" and nexus.levels > 0:  # "zero" or "open": the gated residual
+        if self.gate_spec.gated and nexus.levels > 0:  # "zero" or "open": the gated residual
             self.gates = nn.ParameterDict({p: self._make_gate(p) for p in nexus.projections})
-
-        def attention(name: str, num_heads: int, num_kv_heads: int) -> Attention:
-            return Attention(
-                num_heads,
-                self.head_dim,
-                self.scaling,
-                num_kv_heads=num_kv_heads,
-                cache_config=cache_config,
-                quant_config=quant_config,
-                per_layer_sliding_window=self.attn.sliding_window,
-                prefix=f"{prefix}.inner_attn.{name}",
-            )
-
-        inner_attn: dict[str, Attention] = {}
-        for level in levels:
-            if nexus.inner == "shared":  # Eq. 12: one pass of the layer's own attention per level
-                inner_attn[f"level{level}"] = attention(f"level{level}", self.num_heads, self.num_kv_heads)
-            elif nexus.inner == "separate":  # same head layout (and GQA) as the base attention
-                for p in nexus.projections:
-                    name = f"{p}_level{level}"
-                    inner_attn[name] = attention(name, self.num_heads, self.num_kv_heads)
-            else:  # self: per head, so no GQA; the q-side cache holds every query head
-                for p in nexus.projections:
-                    name = f"{p}_level{level}"
-                    inner_attn[name] = attention(name, self.proj_heads[p], self.proj_heads[p])
-        self.inner_attn = nn.ModuleDict(inner_attn)
+        self.inner_attn = nn.ModuleDict(
+            {
+                sub.name: Attention(
+                    self.dims.of(sub.heads[0]),
+                    self.head_dim,
+                    self.scaling,
+                    num_kv_heads=self.dims.of(sub.heads[1]),
+                    cache_config=cache_config,
+                    quant_config=quant_config,
+                    per_layer_sliding_window=self.attn.sliding_window,
+                    prefix=f"{prefix}.inner_attn.{sub.name}",
+                )
+                for sub in self.reading.sub_attentions(nexus.projections, nexus.order)
+            }
+        )
 
     # ------------------------------------------------------------------------------------ gates
     def _make_gate(self, p: str) -> nn.Parameter:
@@ -145,14 +140,14 @@ class NexusAttentionMixin:
         projection's heads x head_dim for self (sharded like those heads). head: one value per inner
         head, sharded like the heads it scales (query heads for separate/shared, p's heads for self).
         """
-        shape, per_head = self.nexus.gate_shape, self.nexus.inner == "self"
-        if shape == "scalar" or (shape == "channel" and not per_head):
-            width = 1 if shape == "scalar" else self.hidden_size
-            return nn.Parameter(torch.zeros(width), requires_grad=False)
-        heads_of = p if per_head else "q"
-        width = self.proj_heads[heads_of] * (self.head_dim if shape == "channel" else 1)
+        width = self.reading.gate_width(p, self.gate_spec, self.dims)  # this rank's part
         gate = nn.Parameter(torch.zeros(width), requires_grad=False)
-        gate.weight_loader = self._gate_loader(p, heads_of)  # shard like qkv_proj shards the heads
+        shape = self.gate_spec.shape
+        if shape == "head" or (
+            shape == "channel" and self.reading.on_heads
+        ):  # per head: sharded like its heads
+            heads_of = p if self.reading.on_heads else "q"
+            gate.weight_loader = self._gate_loader(p, heads_of)  # shard like qkv_proj shards the heads
         return gate
 
     def _gate_loader(self, p: str, heads_of: str) -> Callable[[nn.Parameter, torch.Tensor], None]:
@@ -171,33 +166,6 @@ class NexusAttentionMixin:
             param.data.copy_(loaded.narrow(0, rank * size, size))
 
         return load
-
-    def _gate_values(self, p: str) -> torch.Tensor:
-        """f(g_p), flat: the gate as it multiplies the inner output (NexusConfig.gate_fn)."""
-        gate = self.gates[p]
-        return torch.tanh(gate) if self.nexus.gate_fn == "tanh" else gate
-
-    def _per_head_gates(self) -> bool:
-        return self.nexus.gate != "none" and self.nexus.gate_shape == "head"
-
-    def _head_gated(self, heads: torch.Tensor, p: str) -> torch.Tensor:
-        """Per-head gates scale the inner attention's heads (T, heads*d) before its o_proj."""
-        if not self._per_head_gates():
-            return heads
-        return (heads.view(heads.shape[0], -1, self.head_dim) * self._gate_values(p)[:, None]).view(
-            heads.shape
-        )
-
-    def _gated(self, base: torch.Tensor, inner_out: torch.Tensor, p: str) -> torch.Tensor:
-        """X_p = X + f(g_p) * Inner_p(X) (Eq. 10-11, gated residual), or the paper's X_p = Inner_p(X)."""
-        if self.nexus.gate == "none":
-            return inner_out
-        if self.nexus.gate_shape == "head" and self.nexus.inner != "self":
-            return base + inner_out  # the head gates scaled the inner heads before o_proj
-        gate = self._gate_values(p)
-        if self.nexus.gate_shape == "head":  # self: one value per head of p, over its head_dim
-            gate = gate.repeat_interleave(self.head_dim)
-        return base + gate * inner_out
 
     # -------------------------------------------------------------------------------- projection
     def _project(
@@ -225,24 +193,28 @@ class NexusAttentionMixin:
         return q, k, v
 
     # --------------------------------------------------------------------------- inner attention
-    def _refine_inputs(
-        self, positions: torch.Tensor, x: torch.Tensor, inputs: dict[str, torch.Tensor], level: int
+    def _inner(
+        self, positions: torch.Tensor, level: int, inputs: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """One level of `separate`/`shared`: refined inputs {p: X_p^(level)} from inputs^(level-1)."""
+        """{p: Inner_p} at one level of `separate`/`shared`: each sub-attention of the level once."""
         xq, xk, xv = inputs["q"], inputs["k"], inputs["v"]
-        refined = dict(inputs)
-        if self.nexus.inner == "shared":  # one pass serves every p; only per-head gates tell them apart
-            heads = self._inner_pass(positions, self, xq, xk, xv, f"level{level}")
-            shared_out = None if self._per_head_gates() else self.o_proj(heads)[0]
-            for p in self.nexus.projections:
-                y = shared_out if shared_out is not None else self.o_proj(self._head_gated(heads, p))[0]
-                refined[p] = self._gated(x, y, p)
-        else:
-            for p in self.nexus.projections:
-                module = self.inner[p]
-                heads = self._inner_pass(positions, module, xq, xk, xv, f"{p}_level{level}")
-                refined[p] = self._gated(x, module.o_proj(self._head_gated(heads, p))[0], p)
-        return refined
+        passes = {
+            sub.projection: self._inner_pass(
+                positions,
+                self if sub.projection is None else self.inner[sub.projection],
+                xq,
+                xk,
+                xv,
+                sub.name,
+            )
+            for sub in self.reading.sub_attentions(self.nexus.projections, self.nexus.order)
+            if sub.level == level
+        }
+        return inner_outputs(
+            self.reading, self.nexus.projections, getattr(self, "gates", None), self.gate_spec, self.head_dim,
+            heads_of=lambda p: passes[None] if self.reading.one_pass else passes[p],
+            o_proj=lambda p, heads: (self if self.reading.one_pass else self.inner[p]).o_proj(heads)[0],
+        )  # fmt: skip
 
     def _inner_pass(
         self,
@@ -258,37 +230,33 @@ class NexusAttentionMixin:
         q, k = self.rotary_emb(positions, q, k)  # in place on q, k: fresh projections, used once
         return self.inner_attn[name](q, k, v)
 
-    def _refine_heads(
-        self,
-        positions: torch.Tensor,
-        base: dict[str, torch.Tensor],
-        heads: dict[str, torch.Tensor],
-        level: int,
+    def _attend_self(
+        self, positions: torch.Tensor, level: int, heads: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """One level of `self` (Eq. 7-8): P' = softmax(R(P) R(P)^T s + M) P per head, then gated."""
-        refined = dict(heads)
+        """One level of `self` (Eq. 7-8): softmax(R(P) R(P)^T s + M) P per head of each refined p."""
+        out = {}
         for p in self.nexus.projections:
             z = heads[p]  # (T, heads_p * d), not rotated
             rz = self.rotary_emb(positions, z.clone(), None)[0]  # rotates in place: keep z for the values
-            out = self.inner_attn[f"{p}_level{level}"](rz, rz, z)
-            refined[p] = self._gated(base[p], out, p)
-        return refined
+            out[p] = self.inner_attn[f"{p}_level{level}"](rz, rz, z)
+        return out
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states  # (T, hidden), after the input norm
-        levels = range(1, self.nexus.order)
-        if self.nexus.inner == "self":
+        nexus, gates = self.nexus, getattr(self, "gates", None)
+        if self.reading.on_heads:  # Eq. 7-8, nexus_core.refine_heads
             q, k, v = self._project(self, x, x, x)
-            base = {"q": q, "k": k, "v": v}
-            heads = base
-            for level in levels:
-                heads = self._refine_heads(positions, base, heads, level)
+            heads = refine_heads(
+                {"q": q, "k": k, "v": v}, self.reading, nexus.projections, nexus.order, gates, self.gate_spec,
+                self.head_dim, lambda level, h: self._attend_self(positions, level, h),
+            )  # fmt: skip
             q, k, v = heads["q"], heads["k"], heads["v"]
-        else:
-            inputs = {"q": x, "k": x, "v": x}
-            for level in levels:
-                inputs = self._refine_inputs(positions, x, inputs, level)
+        else:  # Eq. 10-11, nexus_core.refine_inputs
+            inputs = refine_inputs(
+                x, self.reading, nexus.projections, nexus.order, gates, self.gate_spec, self.head_dim,
+                lambda level, i: self._inner(positions, level, i),
+            )  # fmt: skip
             q, k, v = self._project(self, inputs["q"], inputs["k"], inputs["v"])
         # Outer attention: exactly the base layer's computation on the refined Q/K/V.
         q, k = self.rotary_emb(positions, q, k)

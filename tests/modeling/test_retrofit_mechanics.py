@@ -259,7 +259,7 @@ def test_path_strength_is_the_gated_share_of_the_input(inner, ids):
     strength = path_strength(model)
     assert set(strength) == {"q", "k"} and all(v > 0 for v in strength.values())
     set_path_probes(model, False)
-    assert not any(a.probe_path for a in model.modules() if hasattr(a, "probe_path"))
+    assert not any(a.path_hook for a in model.modules() if hasattr(a, "path_hook"))  # the probe is gone
     assert gate_statistics(model)["nexus_gate_abs_max"] > 0
 
 
