@@ -41,9 +41,7 @@ def convert(
     gate_shape: str = typer.Option("channel", "--gate-shape", help="One gate per channel, head, or scalar."),
     gate_fn: str = typer.Option("identity", "--gate-fn", help="identity or tanh (bounded gate)."),
     gate_lr_multiplier: float = typer.Option(
-        None,
-        "--gate-lr-multiplier",
-        help="Gates' learning rate / base learning rate when fine-tuned (default: measured, per gate).",
+        None, "--gate-lr-multiplier", hidden=True, help="Moved to the recipe (nexus.gate_lr_multiplier)."
     ),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     seed: int = typer.Option(0, "--seed", help="Seed for the new inner weights."),
@@ -72,8 +70,11 @@ def convert(
     from ..safe_output import atomic_dir, check_output_dir
 
     try:  # validate everything before loading gigabytes
-        if order > MAX_ORDER:
-            raise ValueError(f"--order {order} is above the supported maximum {MAX_ORDER}")
+        if gate_lr_multiplier is not None:
+            raise ValueError(
+                "--gate-lr-multiplier is a training setting, not part of the checkpoint: set "
+                "nexus.gate_lr_multiplier in the training recipe (or --nexus.gate_lr_multiplier)"
+            )
         settings = NexusConfig(
             order=order,
             projections=proj,
@@ -82,7 +83,6 @@ def convert(
             inner_init=inner_init,
             gate_shape=gate_shape,
             gate_fn=gate_fn,
-            gate_lr_multiplier="auto" if gate_lr_multiplier is None else gate_lr_multiplier,
         )
         check_output_dir(output, overwrite, flag="OUTPUT")
         torch_dtype(dtype)

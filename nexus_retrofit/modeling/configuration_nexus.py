@@ -43,14 +43,15 @@ GATE_KINDS = ("zero", "open", "none")
 INNER_INITS = ("random", "copy", "zero_out")
 GATE_SHAPES = ("channel", "head", "scalar")
 GATE_FUNCTIONS = ("identity", "tanh")
-# Measured defaults (eval/results/experiments/retrofit/README.md): the gate a conversion gets for each
-# inner kind when `gate` is not given, and the gates' learning-rate multiplier for each gate kind.
+# Measured default (eval/results/experiments/retrofit/README.md): the gate a conversion gets for each
+# inner kind when `gate` is not given.
 DEFAULT_GATE = {"separate": "open", "shared": "zero", "self": "zero"}
-DEFAULT_GATE_LR_MULTIPLIER: dict[str, float | None] = {"zero": 100.0, "open": 1.0, "none": None}
 # The value of each setting added after the first release, for a saved `nexus` block that predates
-# it: such a checkpoint loads and trains exactly as it did (per-channel raw gates that train at the
-# inner modules' learning rate).
-LEGACY_SETTINGS: dict[str, Any] = {"gate_shape": "channel", "gate_fn": "identity", "gate_lr_multiplier": None}
+# it: such a checkpoint loads exactly as it did (per-channel raw gates).
+LEGACY_SETTINGS: dict[str, Any] = {"gate_shape": "channel", "gate_fn": "identity"}
+# Training settings that older releases stored in the `nexus` block: not architecture, so not part of
+# NexusConfig; a saved block holding one still loads (the trainer reads it as the recipe's default).
+LEGACY_TRAINING_SETTINGS = ("gate_lr_multiplier",)
 
 
 def _parse_projections(value: Any) -> tuple[str, ...]:
@@ -78,16 +79,6 @@ def _resolve_defaults(c: NexusConfig) -> None:
     if c.inner_init is None:
         zero_out = c.gate == "open" and c.inner == "separate"
         object.__setattr__(c, "inner_init", "zero_out" if zero_out else "random")
-    if c.gate_lr_multiplier == "auto":
-        object.__setattr__(c, "gate_lr_multiplier", DEFAULT_GATE_LR_MULTIPLIER.get(c.gate))
-
-
-def _parse_multiplier(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"NexusConfig.gate_lr_multiplier must be a number > 0 or None, got {value!r}")
-    return float(value)
 
 
 def _check_combination(c: NexusConfig) -> None:
@@ -127,9 +118,9 @@ class NexusConfig:
     gate_shape: one gate value per "channel" (hidden size; per head dimension for inner="self"), per
         inner attention "head" (scales the inner heads before the inner o_proj), or one "scalar".
     gate_fn: f, "identity" or "tanh" (a bounded gate, |f(g)| < 1).
-    gate_lr_multiplier: learning rate of the gates as a multiple of the base learning rate when this
-        model is fine-tuned (independent of the recipe's inner_lr_multiplier for the inner modules);
-        None: the gates train at the inner modules' rate. Unused with gate="none".
+
+    Architecture only: how the new parameters train (their learning rates, a warm-up) is the recipe's
+    `nexus:` block (nexus_retrofit.train.recipe.NexusTrainArguments).
     """
 
     order: int = 2
@@ -139,7 +130,6 @@ class NexusConfig:
     inner_init: str | None = None  # None: "zero_out" with an open gate, else "random"
     gate_shape: str = "channel"
     gate_fn: str = "identity"
-    gate_lr_multiplier: float | str | None = "auto"  # "auto": DEFAULT_GATE_LR_MULTIPLIER[gate]
 
     def __post_init__(self) -> None:
         if (
@@ -164,7 +154,6 @@ class NexusConfig:
             value = getattr(self, field)
             if value not in allowed:
                 raise ValueError(f"NexusConfig.{field} must be one of {allowed}, got {value!r}")
-        object.__setattr__(self, "gate_lr_multiplier", _parse_multiplier(self.gate_lr_multiplier))
         _check_combination(self)
 
     @property
@@ -208,7 +197,7 @@ class NexusConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> NexusConfig:
-        data = dict(data or {})
+        data = {k: v for k, v in (data or {}).items() if k not in LEGACY_TRAINING_SETTINGS}
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             allowed = [f.name for f in dataclasses.fields(cls)]

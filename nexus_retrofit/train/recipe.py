@@ -112,6 +112,11 @@ class NexusScriptArguments(ScriptArguments):
                 ) from None
 
 
+# Measured (eval/results/experiments/retrofit/README.md): the gates' learning rate, as a multiple of
+# learning_rate, for each gate kind (a zero gate barely moves at SFT learning rates without x100).
+DEFAULT_GATE_LR_MULTIPLIER: dict[str, float | None] = {"zero": 100.0, "open": 1.0, "none": None}
+
+
 @dataclass
 class NexusTrainArguments:
     """The `nexus:` block: the converter's settings plus how the new parameters train.
@@ -128,7 +133,11 @@ class NexusTrainArguments:
     gate_shape: str | None = field(default=None, metadata={"help": "channel, head or scalar."})
     gate_fn: str | None = field(default=None, metadata={"help": "identity or tanh."})
     gate_lr_multiplier: float | None = field(
-        default=None, metadata={"help": "Learning rate of the gates, as a multiple of learning_rate."}
+        default=None,
+        metadata={
+            "help": "Learning rate of the gates, as a multiple of learning_rate (default: measured per gate "
+            "kind, 100 for gate zero, 1 for open; a checkpoint converted by an older release may record one)."
+        },
     )
     inner_lr_multiplier: float = field(
         default=3.0,  # measured at the demo's budget: path 1-2% of ||X||, no accuracy lost (x10 starts to)
@@ -142,14 +151,18 @@ class NexusTrainArguments:
         metadata={"help": "Optimizer steps at the start during which only the Nexus parameters train."},
     )
 
+    # NexusConfig's fields (the checkpoint's architecture); the others say how the new parameters train
     ARCHITECTURE = ("order", "projections", "inner", "gate", "inner_init", "gate_shape", "gate_fn")
-    ARCHITECTURE += ("gate_lr_multiplier",)  # recorded in the checkpoint's nexus block (NexusConfig)
 
     def __post_init__(self) -> None:
         m = self.inner_lr_multiplier
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
             raise RecipeError(f"nexus.inner_lr_multiplier must be a number > 0, got {m!r}")
         self.inner_lr_multiplier = float(m)
+        g = self.gate_lr_multiplier
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
+            raise RecipeError(f"nexus.gate_lr_multiplier must be a number > 0, got {g!r}")
+        self.gate_lr_multiplier = None if g is None else float(g)
         s = self.inner_only_steps
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise RecipeError(f"nexus.inner_only_steps must be an integer >= 0, got {s!r}")
@@ -175,10 +188,23 @@ class NexusTrainArguments:
             if getattr(stated, k) != getattr(existing, k)
         }
 
-    def resolved(self, config: NexusConfig) -> dict[str, Any]:
+    def gate_lr(self, config: NexusConfig, recorded: float | None = None) -> tuple[float | None, str | None]:
+        """The gates' learning-rate multiplier this run uses, and a notice when it is not the recipe's:
+        the recipe's, else one an older checkpoint recorded, else the measured default for the gate."""
+        if self.gate_lr_multiplier is not None:
+            return self.gate_lr_multiplier, None
+        if recorded is not None:
+            return float(recorded), (
+                f"nexus.gate_lr_multiplier: {recorded} as the checkpoint's nexus block records it (older "
+                "releases stored it there); set nexus.gate_lr_multiplier in the recipe to choose another"
+            )
+        return DEFAULT_GATE_LR_MULTIPLIER[config.gate], None
+
+    def resolved(self, config: NexusConfig, gate_lr_multiplier: float | None = None) -> dict[str, Any]:
         """The full block as it ran (for the saved recipe)."""
         return {
             **config.to_dict(),
+            "gate_lr_multiplier": gate_lr_multiplier,
             "inner_lr_multiplier": self.inner_lr_multiplier,
             "inner_only_steps": self.inner_only_steps,
         }

@@ -493,6 +493,21 @@ def _outside_zero3_init(active: bool) -> Iterator[None]:
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+def recorded_gate_lr(recipe: Recipe) -> float | None:
+    """The gate_lr_multiplier an older release stored in the checkpoint's nexus block (None if none):
+    NexusConfig no longer holds it, so it is read from the raw config.json."""
+    from transformers import PretrainedConfig
+
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(
+            recipe.model.model_name_or_path, revision=recipe.model.model_revision
+        )
+    except (OSError, ValueError):
+        return None
+    nexus = raw.get("nexus")
+    return nexus.get("gate_lr_multiplier") if isinstance(nexus, dict) else None
+
+
 def load_model(recipe: Recipe) -> tuple[PreTrainedModel, NexusConfig | None]:
     """The model to train, converted on the fly when the recipe has a `nexus:` block; and its settings."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -734,7 +749,12 @@ def _run_locked(parsed: Recipe, plan: OutputPlan, out: Path) -> TrainResult:
         )
     model, settings = load_model(parsed)
     peft_config = lora_config(parsed.model, model)
-    nexus = None if parsed.nexus is None or settings is None else parsed.nexus.resolved(settings)
+    gate_lr, nexus = None, None
+    if parsed.nexus is not None and settings is not None:
+        gate_lr, notice = parsed.nexus.gate_lr(settings, recorded_gate_lr(parsed))
+        if notice:
+            logger.warning("%s", notice)
+        nexus = parsed.nexus.resolved(settings, gate_lr)
 
     recipe_text = _config_header() + parsed.to_yaml(nexus)
     main = training.distributed_state.is_main_process
@@ -751,6 +771,7 @@ def _run_locked(parsed: Recipe, plan: OutputPlan, out: Path) -> TrainResult:
         peft_config=peft_config,
         inner_lr_multiplier=parsed.nexus.inner_lr_multiplier if nexus else 1.0,
         inner_only_steps=parsed.nexus.inner_only_steps if nexus else 0,
+        gate_lr_multiplier=gate_lr,  # a training setting: the recipe's, never the checkpoint's config
     )
     # The trainer has tokenized and truncated the data: only now is the old run's final model removed.
     before = begin_output(out, plan, recipe_text) if main else {}

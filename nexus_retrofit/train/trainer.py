@@ -87,12 +87,6 @@ def nexus_param_groups(
     return groups
 
 
-def model_gate_lr_multiplier(model: nn.Module) -> float | None:
-    """The gates' learning-rate multiplier a Nexus model's config records (None: the inner modules')."""
-    nexus = getattr(getattr(model, "config", None), "nexus", None)
-    return nexus.get("gate_lr_multiplier") if isinstance(nexus, dict) else None
-
-
 def nexus_attentions(model: nn.Module) -> list[NexusAttentionMixin]:
     return [m for m in model.modules() if isinstance(m, NexusAttentionMixin)]
 
@@ -232,10 +226,8 @@ class NexusSFTTrainer(SFTTrainer):
             raise RecipeError(
                 "nexus.inner_lr_multiplier / nexus.inner_only_steps need a Nexus model, but it has no Nexus parameters"
             )
-        # The gates' rate: given here, else the one the model's nexus block records (NexusConfig).
-        self.gate_lr_multiplier = (
-            gate_lr_multiplier if gate_lr_multiplier is not None else model_gate_lr_multiplier(self.model)
-        )
+        # The gates' rate (a training setting, from the recipe); None: the inner modules' rate.
+        self.gate_lr_multiplier = gate_lr_multiplier
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)

@@ -145,7 +145,7 @@ SOURCE_DEFECTS = [
     # (how the source is broken, extra argv, fragment of the one-line error)
     pytest.param(lambda f: _edit_config(f, num_key_value_heads=8), [], "num_key_value_heads=8 must divide", id="kv>heads"),
     pytest.param(lambda f: _edit_config(f, num_key_value_heads=3), [], "num_key_value_heads=3 must divide", id="kv-not-dividing"),
-    pytest.param(lambda f: None, ["--order", "5"], "above the supported maximum 4", id="order-above-max"),
+    pytest.param(lambda f: None, ["--order", "5"], "NexusConfig.order must be an integer from 1 to 4", id="order-above-max"),
     pytest.param(lambda f: _edit_config(f, model_type="gpt2"), [], "model_type 'gpt2' is not supported", id="unsupported-arch"),
     pytest.param(lambda f: (f / "config.json").write_text("{not json"), [], "is not valid JSON", id="bad-config-json"),
     pytest.param(_truncate_weights, [], "corrupt or truncated", id="truncated-safetensors"),

@@ -13,7 +13,6 @@ from nexus_retrofit import NexusConfig, convert
 from nexus_retrofit.modeling import NexusQwen2Config
 from nexus_retrofit.train.trainer import (
     gate_statistics,
-    model_gate_lr_multiplier,
     nexus_param_groups,
     path_strength,
     set_path_probes,
@@ -30,15 +29,13 @@ def _logits(model, ids):
 @pytest.mark.parametrize(
     "given,expected",
     [
-        ({}, dict(gate="open", inner_init="zero_out", gate_lr_multiplier=1.0)),
-        (dict(inner="shared"), dict(gate="zero", inner_init="random", gate_lr_multiplier=100.0)),
-        (dict(inner="self"), dict(gate="zero", inner_init="random", gate_lr_multiplier=100.0)),
-        (dict(gate="zero"), dict(inner_init="random", gate_lr_multiplier=100.0)),
+        ({}, dict(gate="open", inner_init="zero_out")),
+        (dict(inner="shared"), dict(gate="zero", inner_init="random")),
+        (dict(inner="self"), dict(gate="zero", inner_init="random")),
+        (dict(gate="zero"), dict(inner_init="random")),
         (dict(inner_init="random"), dict(gate="zero")),
         (dict(inner_init="copy"), dict(gate="zero")),
-        (dict(gate="none"), dict(inner_init="random", gate_lr_multiplier=None)),
-        (dict(gate="zero", gate_lr_multiplier=3), dict(gate_lr_multiplier=3.0)),
-        (dict(gate_lr_multiplier=None), dict(gate_lr_multiplier=None)),
+        (dict(gate="none"), dict(inner_init="random")),
     ],
 )
 def test_defaults_resolve_to_function_preserving_settings(given, expected):
@@ -60,9 +57,8 @@ def test_defaults_resolve_to_function_preserving_settings(given, expected):
         (dict(inner="shared", gate="open"), "gate='open' needs inner='separate'"),
         (dict(gate_shape="row"), "NexusConfig.gate_shape"),
         (dict(gate_fn="sigmoid"), "NexusConfig.gate_fn"),
-        (dict(gate_lr_multiplier=0), "NexusConfig.gate_lr_multiplier"),
-        (dict(gate_lr_multiplier=True), "NexusConfig.gate_lr_multiplier"),
-        (dict(gate_lr_multiplier="10"), "NexusConfig.gate_lr_multiplier"),
+        (dict(order=7), "NexusConfig.order must be an integer from 1 to 4"),
+        (dict(order=0), "NexusConfig.order must be an integer from 1 to 4"),
     ],
 )
 def test_contradictory_settings_are_refused_in_one_line(kwargs, message):
@@ -82,13 +78,18 @@ OLD_BLOCK = {
 
 def test_a_nexus_block_without_the_new_settings_reads_as_before():
     nexus = NexusQwen2Config(nexus=OLD_BLOCK).nexus_config
-    assert (nexus.gate, nexus.inner_init, nexus.gate_shape, nexus.gate_fn, nexus.gate_lr_multiplier) == (
+    assert (nexus.gate, nexus.inner_init, nexus.gate_shape, nexus.gate_fn) == (
         "zero",
         "random",
         "channel",
         "identity",
-        None,  # the gates train at the inner modules' rate, as they did
     )
+
+
+def test_a_nexus_block_recording_a_training_setting_still_loads():
+    """Older releases stored gate_lr_multiplier (a training setting) in the nexus block."""
+    nexus = NexusQwen2Config(nexus={**OLD_BLOCK, "gate_lr_multiplier": 100.0}).nexus_config
+    assert nexus == NexusConfig(**OLD_BLOCK)
 
 
 def test_an_old_checkpoint_loads_and_computes_what_it_computed(tmp_path, ids):
@@ -99,7 +100,7 @@ def test_an_old_checkpoint_loads_and_computes_what_it_computed(tmp_path, ids):
     config["nexus"] = OLD_BLOCK  # as written before gate_shape / gate_fn / gate_lr_multiplier
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.nexus["gate_lr_multiplier"] is None
+    assert "gate_lr_multiplier" not in loaded.config.nexus  # a training setting: not the architecture's
     assert (_logits(loaded, ids) - _logits(model.eval(), ids)).abs().max().item() <= 1e-5  # sdpa vs eager
 
 
@@ -242,11 +243,6 @@ def test_gates_get_their_own_learning_rate(multiplier, gate_multiplier, expected
     assert sum(len(g["params"]) for g in groups) == len(names)
 
 
-def test_the_model_records_its_gate_learning_rate():
-    assert model_gate_lr_multiplier(convert(tiny_base_model(), NexusConfig(gate="zero"))) == 100.0
-    assert model_gate_lr_multiplier(tiny_base_model()) is None
-
-
 # 6. path strength ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("inner", ["separate", "shared", "self"])
 def test_path_strength_is_the_gated_share_of_the_input(inner, ids):
@@ -296,3 +292,50 @@ def test_path_strength_and_gates_are_logged_during_training(tmp_path):
         assert entry["nexus_path_q"] >= 0 and entry["nexus_path_k"] >= 0 and "nexus_gate_abs_mean" in entry
         assert entry["learning_rate_gates"] == pytest.approx(10 * entry["learning_rate"], rel=1e-6)
     assert logged[-1]["nexus_path_q"] > 0  # zero_out: o_proj moves on the first step, the path opens
+
+
+# 7. the gates' learning rate is a training setting ------------------------------------------------
+# (what the checkpoint's nexus block records, what the recipe says, the gates' multiplier expected).
+# Before: stored in the architecture config; a recipe changing it for a converted checkpoint was
+# refused ("already a Nexus model with other settings").
+GATE_LR = [
+    pytest.param(None, {"gate_lr_multiplier": 7.0}, 7.0, id="recipe-sets-it-for-a-converted-checkpoint"),
+    pytest.param(10.0, {}, 10.0, id="an-older-checkpoint-records-it"),
+    pytest.param(10.0, {"gate_lr_multiplier": 2.0}, 2.0, id="the-recipe-wins-over-the-record"),
+    pytest.param(None, {}, 100.0, id="measured-default-for-a-zero-gate"),
+]
+
+
+@pytest.mark.parametrize("recorded, block, expected", GATE_LR)
+def test_the_gates_learning_rate_comes_from_the_recipe(tmp_path, recorded, block, expected):
+    from nexus_retrofit.demo.assets import tiny_model_path
+    from nexus_retrofit.train import run_training
+
+    source = tmp_path / "nexus"
+    convert(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path()), NexusConfig(gate="zero")
+    ).save_pretrained(source)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (source / name).write_bytes((tiny_model_path() / name).read_bytes())
+    if recorded is not None:  # as an older release wrote it
+        config = json.loads((source / "config.json").read_text())
+        config["nexus"]["gate_lr_multiplier"] = recorded
+        (source / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "data.jsonl"
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"{i}?"}],
+            "completion": [{"role": "assistant", "content": f"{i}"}],
+        }
+        for i in range(8)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = {
+        "model_name_or_path": str(source), "dataset_name": str(data), "output_dir": str(tmp_path / "run"),
+        "max_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+        "use_cpu": True, "report_to": "none", "save_strategy": "no", "dtype": "float32", "nexus": block,
+    }  # fmt: skip
+    result = run_training(recipe)
+    entry = next(e for e in result.log_history if "loss" in e)
+    assert entry["learning_rate_gates"] == pytest.approx(expected * entry["learning_rate"], rel=1e-6)
+    assert result.nexus["gate_lr_multiplier"] == expected  # and the saved recipe says so

@@ -26,7 +26,7 @@ from tests.train.launch import accelerate_launch, cpu_env
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 PROBE = Path(__file__).with_name("distributed_probe.py")
 NEXUS = {"order": 2, "projections": "qk", "inner": "separate", "gate": "open", "inner_init": "zero_out"}
-GATE_LR = {"gate_lr_multiplier": 4.0}  # a Nexus setting: recorded in the checkpoint
+GATE_LR = {"gate_lr_multiplier": 4.0}  # a training setting: the recipe's, also for a converted checkpoint
 CPU_OVERRIDES = {"num_processes": 2, "mixed_precision": "no"}
 
 CASES = [  # (accelerate config, train a converted checkpoint instead of converting on the fly)
@@ -53,7 +53,7 @@ def _converted(tiny_model_dir: Path, folder: Path) -> Path:
     out = folder / "nexus-model"
     torch.manual_seed(0)
     convert(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), NexusConfig(**NEXUS, **GATE_LR)
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), NexusConfig(**NEXUS)
     ).save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out

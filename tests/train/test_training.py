@@ -58,6 +58,7 @@ def test_nexus_lowers_the_loss(nexus_run):
     # the resolved settings (defaults filled in), plus the recipe-only training keys
     assert result.nexus == {
         **NexusConfig(**NEXUS).to_dict(),
+        "gate_lr_multiplier": 100.0,  # the measured default for a zero gate
         "inner_lr_multiplier": 4.0,
         "inner_only_steps": 0,
     }
@@ -151,7 +152,8 @@ def test_output_loads_with_the_package_and_records_the_recipe(nexus_run):
     assert model.config.use_cache
     assert (out / "tokenizer.json").is_file() and (out / "modeling_nexus.py").is_file()
     saved = parse_recipe(out / CONFIG_FILE, ["--use_cpu", "true"])
-    assert saved.nexus.resolved(saved.nexus.nexus_config()) == result.nexus
+    settings = saved.nexus.nexus_config()
+    assert saved.nexus.resolved(settings, saved.nexus.gate_lr(settings)[0]) == result.nexus
     assert saved.training.learning_rate == recipe["learning_rate"]
     assert saved.training.max_steps == recipe["max_steps"]
     assert saved.model.model_name_or_path == recipe["model_name_or_path"]
