@@ -52,9 +52,7 @@ def _converted(tiny_model_dir: Path, folder: Path) -> Path:
 
     out = folder / "nexus-model"
     torch.manual_seed(0)
-    convert(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), NexusConfig(**NEXUS)
-    ).save_pretrained(out)
+    convert(AutoModelForCausalLM.from_pretrained(tiny_model_dir), NexusConfig(**NEXUS)).save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
 
