@@ -396,7 +396,7 @@ def check_results(results: dict, results_path: str | Path, model_dir: Path) -> N
     scored = fingerprint.get("sha256")
     if not isinstance(scored, str) or not scored:
         raise PushError(f"{results_path} has a model fingerprint without a sha256; {rerun}")
-    from .evaluation.runner import local_fingerprint
+    from .evaluation.provenance import local_fingerprint
 
     here = local_fingerprint(model_dir)["sha256"]
     if scored != here:

@@ -52,7 +52,7 @@ def checkpoint(tmp_path, nexus_checkpoint):
 @pytest.fixture
 def results_file(tmp_path, checkpoint):
     """A results.json scored on `checkpoint` (its fingerprint, as `nexus-retrofit eval` records it)."""
-    from nexus_retrofit.evaluation.runner import local_fingerprint
+    from nexus_retrofit.evaluation.provenance import local_fingerprint
 
     results = {
         "format": "nexus-retrofit-eval/1",
@@ -143,6 +143,7 @@ def test_push_uploads_safetensors_and_the_card(checkpoint, results_file, fake_hu
         "README.md",
         "modeling_nexus.py",
         "configuration_nexus.py",
+        "nexus_core.py",
         "recipe.yaml",
     } <= set(uploaded)
     assert "training_args.bin" not in uploaded and not any(u.startswith("checkpoint-10") for u in uploaded)

@@ -39,6 +39,7 @@ MODEL_FILES = {
     "model.safetensors",
     "configuration_nexus.py",
     "modeling_nexus.py",
+    "nexus_core.py",  # imported by modeling_nexus.py: bundled with it
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
@@ -309,7 +310,7 @@ RESULTS = [
 
 @pytest.mark.parametrize("change, fragments", RESULTS)
 def test_results_go_on_the_card_only_when_scored_on_this_folder(folder, tmp_path, change, fragments):
-    from nexus_retrofit.evaluation.runner import local_fingerprint
+    from nexus_retrofit.evaluation.provenance import local_fingerprint
 
     fingerprint = local_fingerprint(folder)
     task = {"stderr": 0.01, "n_problems": 30, "n_samples": 4, "extraction_failure_rate": 0.0}

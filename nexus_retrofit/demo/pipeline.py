@@ -178,7 +178,7 @@ def _path_strength(log_history: list[dict[str, Any]]) -> tuple[dict[str, float] 
 def _compare_outputs(out: Path, base: str, other: str) -> dict[str, dict[str, Any]]:
     """Per task: how many greedy completions of `other` differ from `base`'s, and the paired accuracy
     difference with its standard error (from the eval harness's samples files)."""
-    from ..evaluation.runner import read_samples, samples_path
+    from ..evaluation.samples import read_samples, samples_path
     from .scoring import paired_comparison
 
     comparison = {}

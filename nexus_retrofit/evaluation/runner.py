@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +36,8 @@ from ..safe_output import (
 from .backends import Backend, Sampling, default_backend, make_backend, render_prompt
 from .data import load_task_rows
 from .grading import get_grader
+from .provenance import model_info, package_versions
+from .samples import ResumeError, append_samples, read_samples, samples_path
 from .tasks import Problem, Task, get_task, stable_int
 
 if TYPE_CHECKING:
@@ -50,10 +50,6 @@ DEFAULT_HF_BATCH = 8
 NOT_OUTCOME_SETTINGS = frozenset(
     {"tasks", "data_dir", "trust_remote_code", "data_parallel_size", "gpu_memory_utilization"}
 )
-
-
-class ResumeError(ValueError):
-    """The output folder holds a run of a different configuration."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,73 +114,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def samples_path(output_dir: Path, task_name: str) -> Path:
-    return output_dir / f"samples_{task_name}.jsonl"
-
-
-SAMPLE_KEYS = ("problem_index", "sample_index", "correct", "extracted")
-
-
-def _sample_problem(record: Any) -> str | None:
-    """Why a samples line cannot be one of this runner's records, or None."""
-    if not isinstance(record, dict):
-        return f"is a JSON {type(record).__name__}, not an object"
-    missing = [k for k in SAMPLE_KEYS if k not in record]
-    if missing:
-        return f"has no {missing[0]!r} field"
-    for key in ("problem_index", "sample_index"):
-        if isinstance(record[key], bool) or not isinstance(record[key], int) or record[key] < 0:
-            return f"has {key} {record[key]!r}, not an index"
-    return None
-
-
-def read_samples(path: Path, num_samples: int, repair: bool = True) -> dict[int, list[dict]]:
-    """Finished problems of a samples file: problem_index -> its `num_samples` lines.
-
-    A torn last line (the run was killed mid-write) and problems with fewer lines than samples are
-    dropped from the file (with `repair`; without it the file is only read), so that the resume
-    regenerates them. Any other malformed line is an error naming the file and the line.
-    """
-    if not path.exists():
-        return {}
-    lines = path.read_bytes().splitlines(keepends=True)  # bytes: a write torn inside a character
-    records = []
-    fix = "fix or delete the file (or --overwrite)"
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if number == len(lines) and not line.endswith(b"\n"):  # torn final write
-                break
-            what = "is not UTF-8" if isinstance(e, UnicodeDecodeError) else f"is not valid JSON ({e.msg})"
-            raise ResumeError(f"{path} line {number} {what}; {fix}") from None
-        why = _sample_problem(record)
-        if why is not None:
-            raise ResumeError(f"{path} line {number} {why}; {fix}")
-        records.append(record)
-    by_problem: dict[int, list[dict]] = {}
-    for record in records:
-        by_problem.setdefault(int(record["problem_index"]), []).append(record)
-    finished = {}
-    for index, group in by_problem.items():
-        if sorted(r["sample_index"] for r in group) == list(range(num_samples)):
-            finished[index] = sorted(group, key=lambda r: r["sample_index"])
-        elif len(group) > num_samples:
-            raise ResumeError(f"{path}: problem {index} has {len(group)} samples, expected {num_samples}")
-    kept = [r for r in records if int(r["problem_index"]) in finished]
-    if repair and len(kept) != len(lines):
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
-    return finished
-
-
-def _append_samples(path: Path, records: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ---------------------------------------------------------------------------------------- metrics
 def task_metrics(per_problem: dict[int, list[dict]]) -> dict[str, Any]:
     """pass@1 (mean over problems of the fraction of correct samples), its standard error over
@@ -205,123 +134,6 @@ def task_metrics(per_problem: dict[int, list[dict]]) -> dict[str, Any]:
         "extraction_failures": failures,
         "extraction_failure_rate": failures / len(records) if records else 0.0,
         "mean_completion_tokens": tokens / len(records) if records else 0.0,
-    }
-
-
-# --------------------------------------------------------------------------------------- metadata
-def package_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in (
-        "nexus-retrofit",
-        "torch",
-        "transformers",
-        "math-verify",
-        "latex2sympy2_extended",
-        "datasets",
-        "vllm",
-    ):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-# Files that decide what a model generates: hashed whole into the fingerprint. Not checkpoints'
-# optimizer or trainer state, which do not change the weights.
-FINGERPRINT_PATTERNS = (
-    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-    "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*.json", "tokenizer.model",
-    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
-    "*.py",
-)  # fmt: skip
-
-
-def _looks_local(model: str) -> bool:
-    """A path rather than a Hub id ('org/name'): absolute, ./ ../ ~, or more than one '/'."""
-    return model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or model in (".", "..")
-
-
-def local_fingerprint(folder: Path) -> dict[str, Any]:
-    """sha256 over the bytes of the files that decide the model's output (weights, config, tokenizer).
-
-    Content, not dates: a copied folder keeps its fingerprint and a retrain into the same folder (same
-    shapes, same sizes) changes it. The cost is one read of the weights (about 1 s per GB, cached by
-    the OS for the load that follows), paid once per `eval` invocation.
-    """
-    digest = hashlib.sha256()
-    names = sorted({p.name for pattern in FINGERPRINT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    for name in names:
-        digest.update(name.encode() + b"\0")
-        with open(folder / name, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return {"kind": "local", "sha256": digest.hexdigest(), "files": len(names)}
-
-
-def hub_fingerprint(model: str, revision: str | None, pinned: str | None = None) -> dict[str, Any]:
-    """A Hub model's commit: the one `revision` was pinned to (checkpoint.pin_revision), else read
-    from the local Hugging Face cache (no network): the snapshot folder the loader resolves `revision`
-    to is named by its commit. None when neither is known."""
-    if pinned and len(pinned) == 40 and pinned != revision:
-        return {"kind": "hub", "repo": model, "revision": revision, "commit": pinned}
-    commit = None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(model, "config.json", revision=revision)
-        if isinstance(cached, str):
-            commit = Path(cached).parent.name
-    except Exception:  # a malformed id or cache: recorded as unknown
-        commit = None
-    return {"kind": "hub", "repo": model, "revision": revision, "commit": commit}
-
-
-def model_info(model: str, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
-    """The model's path, config and fingerprint (config.json for a local folder, else AutoConfig).
-
-    A path that looks local must exist and hold a config.json (a typo'd folder is an error at once,
-    not a long retry against the Hub).
-    """
-    path = Path(model).expanduser()
-    config = None
-    load_revision = revision
-    if (path / "config.json").is_file():
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"model {model}: {path / 'config.json'} is not valid JSON ({e})") from None
-        model = str(path.resolve())
-        fingerprint = local_fingerprint(path)
-    elif path.exists() or _looks_local(model):
-        what = "has no config.json" if path.is_dir() else "does not exist"
-        raise ValueError(f"model {model}: the folder {path.resolve()} {what}")
-    else:
-        from ..checkpoint import pin_revision
-
-        try:  # the commit the revision points at now: config, weights and fingerprint all from it
-            load_revision = pin_revision(model, revision)
-        except OSError as e:
-            raise ValueError(f"model {e}") from None
-        try:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(
-                model, revision=load_revision, trust_remote_code=trust_remote_code
-            ).to_dict()
-        except Exception:  # recorded as unknown; loading the backend will tell what is wrong
-            config = None
-        fingerprint = hub_fingerprint(model, revision, pinned=load_revision)
-    return {
-        "path": model,
-        "revision": revision,
-        "load_revision": load_revision,  # what the backend loads: the pinned commit for a Hub model
-        "fingerprint": fingerprint,
-        "config": config,
-        "nexus": (config or {}).get("nexus"),
     }
 
 
@@ -544,7 +356,7 @@ def _run_task(
                         "num_tokens": count,
                     }
                 )
-            _append_samples(path, records)
+            append_samples(path, records)
             done[problem.index] = records
             tokens += sum(generation.num_tokens)
             progress.advance(bar)

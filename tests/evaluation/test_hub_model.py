@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nexus_retrofit.evaluation.runner import model_info
+from nexus_retrofit.evaluation.provenance import model_info
 from tests.conftest import save_tiny_base
 from tests.fake_hub import COMMIT, FakeHub
 
