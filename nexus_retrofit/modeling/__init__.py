@@ -8,32 +8,23 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_nexus import (
-    NexusConfig,
-    NexusLlamaConfig,
-    NexusMistralConfig,
-    NexusQwen2Config,
-    NexusQwen3Config,
-)
-from .modeling_nexus import (
-    NexusAttentionMixin,
-    NexusLlamaForCausalLM,
-    NexusLlamaModel,
-    NexusMistralForCausalLM,
-    NexusMistralModel,
-    NexusQwen2ForCausalLM,
-    NexusQwen2Model,
-    NexusQwen3ForCausalLM,
-    NexusQwen3Model,
-)
+from ..families import FAMILIES as FAMILY_STEMS
+from ..families import class_names
+from . import configuration_nexus, modeling_nexus
+from .configuration_nexus import NexusConfig
+from .modeling_nexus import NexusAttentionMixin
 
-# base model_type -> (Nexus config class, Nexus causal-LM class, Nexus base model class)
+# base model_type -> (Nexus config class, Nexus causal-LM class, Nexus base model class), from the one
+# family table (nexus_retrofit/families.py)
 FAMILIES = {
-    "qwen2": (NexusQwen2Config, NexusQwen2ForCausalLM, NexusQwen2Model),
-    "llama": (NexusLlamaConfig, NexusLlamaForCausalLM, NexusLlamaModel),
-    "mistral": (NexusMistralConfig, NexusMistralForCausalLM, NexusMistralModel),
-    "qwen3": (NexusQwen3Config, NexusQwen3ForCausalLM, NexusQwen3Model),
+    model_type: (
+        getattr(configuration_nexus, class_names(model_type)[0]),
+        getattr(modeling_nexus, class_names(model_type)[1]),
+        getattr(modeling_nexus, class_names(model_type)[2]),
+    )
+    for model_type in FAMILY_STEMS
 }
+globals().update({cls.__name__: cls for classes in FAMILIES.values() for cls in classes})
 
 
 def register() -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
+from ..hub import REDACTED  # the one placeholder for a secret value, which push recognises
 from ..modeling import NexusConfig
 from ..yaml_loading import DuplicateKeyError, load_yaml
 from .data import parse_mixture
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "nexus_train_config.yaml"  # the resolved recipe, written beside the weights
 RESERVED = ("nexus", "env")  # recipe keys that are not dataclass fields
 # `env:` values are often credentials (HF_TOKEN, WANDB_API_KEY): the saved recipe keeps the keys only.
-REDACTED = "<redacted>"  # the same placeholder push recognises (hub.REDACTED)
 
 # open-r1 recipes were written for transformers 4.x / TRL 0.x. Old name -> current name; an alias is
 # applied only when the installed version lacks the old name and has the new one.

@@ -26,13 +26,12 @@ Importing this package imports neither vLLM nor torch; `register()` imports vLLM
 
 from __future__ import annotations
 
+from ..families import FAMILIES, class_names
+
 _MODELS = "nexus_retrofit.vllm.models"
 
-# architecture in config.json -> "module:Class" of its vLLM implementation
-ARCHITECTURES: dict[str, str] = {
-    f"Nexus{family}ForCausalLM": f"{_MODELS}:Nexus{family}ForCausalLM"
-    for family in ("Qwen2", "Llama", "Mistral", "Qwen3")
-}
+# architecture in config.json -> "module:Class" of its vLLM implementation (the one family table)
+ARCHITECTURES: dict[str, str] = {class_names(t)[1]: f"{_MODELS}:{class_names(t)[1]}" for t in FAMILIES}
 
 
 def register() -> None:

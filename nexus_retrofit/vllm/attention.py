@@ -84,7 +84,7 @@ def _has_qk_norm(module: nn.Module) -> bool:
     return getattr(module, "q_norm", None) is not None
 
 
-class NexusAttentionMixin:
+class NexusVllmAttentionMixin:
     """Nexus levels in front of a vLLM attention class (Qwen2Attention, Qwen3Attention, LlamaAttention).
 
     The vLLM class builds `qkv_proj`, `o_proj`, `rotary_emb` (and Qwen3's `q_norm`/`k_norm`) and
@@ -264,7 +264,7 @@ class NexusAttentionMixin:
         return self.o_proj(out)[0]
 
 
-class _QwenNexusAttention(NexusAttentionMixin):
+class _QwenNexusAttention(NexusVllmAttentionMixin):
     """Qwen2 and Qwen3: vLLM's attention class takes keyword arguments; the `nexus` block comes apart."""
 
     def __init__(self, *, nexus: NexusConfig | dict[str, Any], **kwargs):
@@ -282,7 +282,7 @@ class NexusQwen3Attention(_QwenNexusAttention, Qwen3Attention):
     pass
 
 
-class NexusLlamaAttention(NexusAttentionMixin, LlamaAttention):
+class NexusLlamaAttention(NexusVllmAttentionMixin, LlamaAttention):
     """Llama and Mistral (HF format): built by vLLM's LlamaDecoderLayer through `attn_layer_type`."""
 
     def __init__(self, config: PretrainedConfig, **kwargs):
@@ -293,7 +293,7 @@ class NexusLlamaAttention(NexusAttentionMixin, LlamaAttention):
 
 
 __all__ = [
-    "NexusAttentionMixin",
+    "NexusVllmAttentionMixin",
     "NexusInnerProjections",
     "NexusLlamaAttention",
     "NexusQwen2Attention",
