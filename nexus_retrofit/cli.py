@@ -39,6 +39,38 @@ def options(
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     if not verbose:
         quiet_libraries()
+    hub_kernels_policy()
+
+
+def hub_kernels_policy() -> None:
+    """transformers 5.25 turns Hub kernels on by default in every `from_pretrained`, and then fails
+    every load ("Kernels are not available") where the `kernels` package is missing or of another
+    version. The commands then load with kernels off (USE_HUB_KERNELS=0, transformers' own switch),
+    saying so once; an explicit USE_HUB_KERNELS in the environment wins. Light: imports nothing."""
+    import os
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    if "USE_HUB_KERNELS" in os.environ:
+        return
+    try:
+        release = tuple(int(x) for x in version("transformers").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return
+    if release < (5, 25):
+        return
+    try:
+        kernels = tuple(int(x) for x in version("kernels").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        kernels = None
+    if kernels is not None and (0, 19) <= kernels < (0, 20):
+        return
+    os.environ["USE_HUB_KERNELS"] = "0"
+    print(
+        f"note: transformers {version('transformers')} wants the `kernels` package (>=0.19.1,<0.20), which "
+        "is not installed: loading models without Hub kernels (set USE_HUB_KERNELS to choose)",
+        file=sys.stderr,
+    )
 
 
 def quiet_libraries() -> None:

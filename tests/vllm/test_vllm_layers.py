@@ -58,3 +58,24 @@ def test_nexus_qwen_layer_builds_what_vllms_constructor_builds(stock, nexus):
     for name in theirs.keys() - {"self_attn"}:
         assert theirs[name] is ours[name], f"{name}: vLLM builds {theirs[name]}, the Nexus layer {ours[name]}"
     assert ours["self_attn"] is None  # built by the family's `_attention`, a Nexus attention
+
+
+# (layer_types, refused). Before: vLLM 0.34 moved its own check into the decoder layer's constructor,
+# which the Nexus layer skips, so a mixed layout was served with one window for every layer.
+WINDOW_LAYOUTS = [
+    pytest.param(["full_attention", "full_attention"], False, id="all-full"),
+    pytest.param(["sliding_attention", "sliding_attention"], False, id="all-sliding"),
+    pytest.param(["full_attention", "sliding_attention"], True, id="mixed"),
+]
+
+
+@pytest.mark.parametrize("layer_types, refused", WINDOW_LAYOUTS)
+def test_the_plugin_refuses_a_mixed_sliding_window_layout(layer_types, refused):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(nexus={"order": 2}, is_causal=True, layer_types=layer_types)
+    if refused:
+        with pytest.raises(NotImplementedError, match="sliding window on some layers but not all"):
+            models._check_nexus_config(config)
+    else:
+        models._check_nexus_config(config)
