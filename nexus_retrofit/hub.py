@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
 from .safe_output import OutputError, atomic_write_text, claim, is_marked, os_reason, output_lock
 
 if TYPE_CHECKING:
@@ -79,20 +80,7 @@ DATA_FILES = ("vocab.txt", "merges.txt")  # plain token lists: only value patter
 
 # ------------------------------------------------------------------------------ the allow-list
 CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (  # as checkpoint.TOKENIZER_FILES, plus what tokenizers of other families write
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+TOKENIZER_FILES = (*CHECKPOINT_TOKENIZER_FILES, "sentencepiece.bpe.model")  # and other families' spellings
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 DATASETS = {  # task -> (Hub dataset, config, split, title), for model-index
     "math_500": ("HuggingFaceH4/MATH-500", None, "test", "MATH-500"),

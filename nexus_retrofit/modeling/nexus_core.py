@@ -135,8 +135,14 @@ class Reading:
         if factor is None or not spec.gated:
             return inner
         if spec.per_head:
-            return base + inner  # the head gates scaled the inner heads before the inner o_proj
+            return self.head_gated(base, inner, factor, head_dim)
         return torch.addcmul(base, factor, inner)  # one kernel
+
+    def head_gated(
+        self, base: torch.Tensor, inner: torch.Tensor, factor: torch.Tensor, head_dim: int
+    ) -> torch.Tensor:
+        """The residual with per-head gates: here they scaled the inner heads before the inner o_proj."""
+        return base + inner
 
     def __repr__(self) -> str:
         return f"<reading {self.name}>"
@@ -174,22 +180,14 @@ class SelfAttention(Reading):
             return 1
         return dims.of(p) * (dims.head_dim if spec.shape == "channel" else 1)
 
-    def gated(
-        self,
-        base: torch.Tensor,
-        inner: torch.Tensor,
-        factor: torch.Tensor | None,
-        spec: GateSpec,
-        head_dim: int,
+    def head_gated(
+        self, base: torch.Tensor, inner: torch.Tensor, factor: torch.Tensor, head_dim: int
     ) -> torch.Tensor:
-        if factor is None or not spec.gated:
-            return inner
-        if spec.shape != "head":
-            return torch.addcmul(base, factor, inner)
-        per_head = torch.addcmul(
-            base.unflatten(-1, (-1, head_dim)), factor[:, None], inner.unflatten(-1, (-1, head_dim))
+        """One value per head of p, over its head_dim (the heads are the refined tensor itself)."""
+        heads = (-1, head_dim)
+        return torch.addcmul(base.unflatten(-1, heads), factor[:, None], inner.unflatten(-1, heads)).flatten(
+            -2
         )
-        return per_head.flatten(-2)  # one value per head of p, over its head_dim
 
 
 class TokenMLP(Reading):

@@ -80,3 +80,24 @@ def test_a_partitioned_projection_is_gathered_by_its_own_hook_not_read_by_the_fu
     with torch.no_grad():
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # fused vs per-module matmuls may round apart
+
+
+def test_a_tensor_parallel_weight_is_never_fused(tmp_path):
+    """transformers' tp_plan="auto" shards weights as DTensors; concatenating them into one matmul
+    failed ("aten.addmm got mixed torch.Tensor and DTensor") for inner=shared and self. A one-rank
+    gloo group is enough to make a real DTensor on CPU."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        linear = nn.Linear(8, 8)
+        assert _fusable(linear)
+        linear.weight = nn.Parameter(distribute_tensor(linear.weight.detach(), mesh, [Replicate()]))
+        assert not _fusable(linear)
+    finally:
+        dist.destroy_process_group()
