@@ -230,21 +230,8 @@ def refine_inputs(
     wrapper's attention, with its cache slot for that level. Inner weights and gates are the same at
     every level, so parameters are O(1) in m.
     """
-    inputs: Inputs = {p: x for p in "qkv"}  # X_p^(0)
-    factors = _factors(gates, projections, spec)
-    for level in range(1, order):
-        out = inner(level, inputs)
-        inputs = {**inputs, **{p: read.gated(x, out[p], factors[p], spec, head_dim) for p in projections}}
-        _observed(observe, projections, x, inputs)
-    return inputs
-
-
-def _observed(
-    observe: Observer | None, projections: tuple[str, ...], base: torch.Tensor | Inputs, refined: Inputs
-) -> None:
-    if observe is not None:
-        for p in projections:
-            observe(p, base if isinstance(base, torch.Tensor) else base[p], refined[p])
+    x_everywhere = {p: x for p in "qkv"}  # X_p^(0), and the residual's base at every level
+    return _levels(x_everywhere, read, projections, order, gates, spec, head_dim, inner, observe)
 
 
 def refine_heads(
@@ -263,13 +250,33 @@ def refine_heads(
     `base` holds the pre-RoPE heads of q, k and v, flat; `attend_self(level, heads)` returns
     {p: softmax(R(P) R(P)^T s + M) P} for the refined projections, flat.
     """
-    heads = dict(base)
+    return _levels(base, read, projections, order, gates, spec, head_dim, attend_self, observe)
+
+
+def _levels(
+    base: Inputs,
+    read: Reading,
+    projections: tuple[str, ...],
+    order: int,
+    gates: Mapping[str, torch.Tensor] | None,
+    spec: GateSpec,
+    head_dim: int,
+    refine: Callable[[int, Inputs], Inputs],
+    observe: Observer | None,
+) -> Inputs:
+    """The level loop both readings share: level l gates refine(l, level l-1) onto `base`."""
+    current = dict(base)
     factors = _factors(gates, projections, spec)
     for level in range(1, order):
-        out = attend_self(level, heads)
-        heads = {**heads, **{p: read.gated(base[p], out[p], factors[p], spec, head_dim) for p in projections}}
-        _observed(observe, projections, base, heads)
-    return heads
+        out = refine(level, current)
+        current = {
+            **current,
+            **{p: read.gated(base[p], out[p], factors[p], spec, head_dim) for p in projections},
+        }
+        if observe is not None:
+            for p in projections:
+                observe(p, base[p], current[p])
+    return current
 
 
 def inner_outputs(
