@@ -312,10 +312,6 @@ def output_lock(folder: str | os.PathLike, command: str = "", flag: str = "outpu
                 parent.rmdir()
 
 
-def holds_lock(folder: str | os.PathLike) -> bool:
-    return Path(folder).expanduser().resolve() in _held
-
-
 # ------------------------------------------------------------------------------------ os errors
 _ERRNO_FIXES = {
     errno.ENOSPC: "the disk is full: free some space or choose a folder on another disk",
