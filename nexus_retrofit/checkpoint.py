@@ -108,6 +108,30 @@ def check_config_dict(config: dict, source: str) -> None:
             f"{source}: num_key_value_heads={kv_heads} must divide num_attention_heads={heads}; "
             "fix config.json"
         )
+    if model_type == "gpt_neox":
+        _check_rotary_layout(config, source)
+
+
+def _check_rotary_layout(config: dict, source: str) -> None:
+    """GPT-NeoX's partial rotary: the first int(head_size * rotary_pct) channels of each head rotate in
+    pairs (rotate_half), so that count must be even and at least 2; a head size must be whole."""
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not (isinstance(hidden, int) and isinstance(heads, int) and heads > 0):
+        return
+    if hidden % heads:
+        raise ValueError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    field, pct = "rotary_pct", config.get("rotary_pct")
+    if pct is None:
+        field, pct = "rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor", 0.25)
+    if not isinstance(pct, (int, float)) or not 0 < pct <= 1:
+        raise ValueError(f"{source}: {field}={pct!r} must be in (0, 1]")
+    rotary = int(hidden // heads * pct)
+    if rotary < 2 or rotary % 2:
+        raise ValueError(
+            f"{source}: {field}={pct} rotates {rotary} of the {hidden // heads} channels of each head; RoPE "
+            "rotates channel pairs, so that must be an even number >= 2: a rotary layout this code does not handle"
+        )
 
 
 def _custom_model_code(auto_map: object) -> list[str]:

@@ -70,7 +70,7 @@ def _materialise_nexus_parameters(model: PreTrainedModel, nexus: NexusConfig) ->
     for attention in model.modules():
         if not isinstance(attention, NexusAttentionMixin):
             continue
-        reference = attention.q_proj.weight
+        reference = getattr(attention, attention.output_projection).weight  # o_proj (GPT-NeoX: dense)
         if hasattr(attention, "inner"):
             attention.inner.to_empty(device=reference.device)
             attention.inner.to(reference.dtype)
@@ -89,7 +89,7 @@ def _materialise_nexus_parameters(model: PreTrainedModel, nexus: NexusConfig) ->
 
 
 def convert(model: PreTrainedModel, config: NexusConfig | None = None, **settings) -> PreTrainedModel:
-    """Return the Nexus version of `model` (a Qwen2/Llama/Mistral/Qwen3 causal LM).
+    """Return the Nexus version of `model` (a causal LM of a family in nexus_retrofit/families.py).
 
     `config` is a NexusConfig, or pass its fields as keyword arguments. With a function-preserving
     setting (gate="zero", or gate="open" with inner_init="zero_out": the default) the result computes

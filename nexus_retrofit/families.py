@@ -11,7 +11,13 @@ Imports nothing: the vLLM plugin's entry point reads it without importing torch.
 
 from __future__ import annotations
 
-FAMILIES: dict[str, str] = {"qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral", "qwen3": "Qwen3"}
+FAMILIES: dict[str, str] = {
+    "qwen2": "Qwen2",
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen3": "Qwen3",
+    "gpt_neox": "GPTNeoX",  # Pythia
+}
 
 
 def class_names(model_type: str) -> tuple[str, str, str]:

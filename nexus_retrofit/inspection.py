@@ -69,9 +69,14 @@ class Inspection:
         return d
 
 
+def kv_heads_of(config: PretrainedConfig) -> int:
+    """Key/value heads: num_key_value_heads (GQA families), else one per query head (GPT-NeoX)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def cache_slots(config: PretrainedConfig) -> list[CacheSlot]:
     """One KV-cache slot per distinct sub-attention of a layer (docs/DESIGN.md §2)."""
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    heads, kv_heads = config.num_attention_heads, kv_heads_of(config)
     slots = [CacheSlot("outer", kv_heads)]
     nexus = getattr(config, "nexus", None)
     if not nexus:
@@ -125,7 +130,7 @@ def inspect_config(
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads,
+        num_kv_heads=kv_heads_of(config),
         head_dim=head_dim,
         params_total=total,
         params_added=added,

@@ -177,10 +177,14 @@ def _meta_nexus_model(
 
 
 def _saved_names(model: nn.Module) -> set[str]:
-    """The tensor names save_pretrained would write (tied duplicates removed, as it removes them)."""
+    """The tensor names save_pretrained would write: tied duplicates removed and the family's checkpoint
+    renames reverted, as it does (GPT-NeoX's `lm_head` is saved as Pythia's `embed_out`)."""
+    from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    return set(remove_tied_weights_from_state_dict(model.state_dict(), model))
+    return set(
+        revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
+    )
 
 
 class _OneAttention:

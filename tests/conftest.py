@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -21,18 +23,44 @@ _COMMON = dict(
     intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
-    num_key_value_heads=2,
     vocab_size=VOCAB,
     max_position_embeddings=256,
     pad_token_id=0,
 )
 
+GQA = dict(num_key_value_heads=2)
+# Pythia's layout: a quarter of each head rotates (rotary_pct 0.25), biases, LayerNorm, untied head
+PYTHIA_ROPE = dict(
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+)
+# The tests' family matrix: every model_type of nexus_retrofit/families.py, GPT-NeoX in both residual forms.
 FAMILIES = {
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False, attention_bias=False)),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None)),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, **GQA)),
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False, attention_bias=False, **GQA)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, **GQA)),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16, **GQA)),
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, dict(use_parallel_residual=True, **PYTHIA_ROPE)),
+    "gpt_neox_sequential": (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        dict(use_parallel_residual=False, **PYTHIA_ROPE),
+    ),
 }
+
+
+def decoder_layers(model):
+    """The decoder layers of a (Nexus) causal LM or base model of any family (`.model`, `.gpt_neox`)."""
+    return model.base_model.layers
+
+
+def attention_of(layer):
+    """A decoder layer's attention module: `self_attn`, GPT-NeoX's `attention`."""
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
+
+
+def is_output_projection(name: str) -> bool:
+    """A parameter of an attention's output projection (`o_proj`, GPT-NeoX's `dense`)."""
+    return ".o_proj." in name or name.split(".")[-2:-1] == ["dense"]
 
 
 def tiny_base_model(family: str = "qwen2", attn: str = "eager", seed: int = 0, **overrides):

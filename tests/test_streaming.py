@@ -64,6 +64,15 @@ CASES = [  # (family, sharded source, settings, --dtype, source dtype)
     ("qwen2", True, dict(inner="self", gate="zero", order=3), "auto", torch.float32),
     ("llama", True, {}, "bfloat16", torch.float32),  # every shard rewritten in bf16
     ("qwen2", False, dict(inner="separate", inner_init="random", gate="none"), "float32", torch.bfloat16),
+    (
+        "gpt_neox",
+        True,
+        dict(inner="separate", inner_init="random", gate="none", projections="qkv"),
+        "auto",
+        None,
+    ),
+    ("gpt_neox_sequential", False, dict(inner="separate", inner_init="copy", gate="zero"), "auto", None),
+    ("gpt_neox", True, {}, "auto", torch.float32),  # the default: gate open, inner dense at zero
 ]
 
 

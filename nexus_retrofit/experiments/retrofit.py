@@ -84,11 +84,11 @@ QUICK = Settings(
 # ------------------------------------------------------------------------------------ training
 def _optimizer(model: nn.Module, lr: float, gate_multiplier: float) -> torch.optim.Optimizer:
     """Adam; the Nexus gates in their own group at lr x gate_multiplier (as the trainer does)."""
-    from ..train.lora import GATE_MARKER
+    from ..modeling.names import is_gate
 
     named = list(model.named_parameters())
-    gates = [p for n, p in named if GATE_MARKER in n]
-    rest = [p for n, p in named if GATE_MARKER not in n]
+    gates = [p for n, p in named if is_gate(n)]
+    rest = [p for n, p in named if not is_gate(n)]
     groups = [{"params": rest, "lr": lr}] + ([{"params": gates, "lr": lr * gate_multiplier}] if gates else [])
     return torch.optim.Adam(groups, lr=lr)
 

@@ -32,7 +32,7 @@ if _release(transformers.__version__) < _release(TESTED_TRANSFORMERS[0]):
     )
 
 from huggingface_hub.dataclasses import strict  # noqa: E402
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
+from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 # Order m costs 1 + (m-1)|P| attention calls per layer (and as many KV-cache slots); nothing above
 # MAX_ORDER is tested. Order 1 is standard attention (a Nexus checkpoint that adds nothing).
@@ -262,7 +262,16 @@ class NexusQwen3Config(_NexusConfigMixin, Qwen3Config):
     nexus_family = "Qwen3"
 
 
-for _cls in (NexusQwen2Config, NexusLlamaConfig, NexusMistralConfig, NexusQwen3Config):
+@strict
+class NexusGPTNeoXConfig(_NexusConfigMixin, GPTNeoXConfig):
+    """GPT-NeoX / Pythia: fused per-head `query_key_value`, `dense`, partial rotary, LayerNorm, biases,
+    parallel or sequential residual (all the family's own; the Nexus attention handles the first three)."""
+
+    model_type = "nexus_gpt_neox"
+    nexus_family = "GPTNeoX"
+
+
+for _cls in (NexusQwen2Config, NexusLlamaConfig, NexusMistralConfig, NexusQwen3Config, NexusGPTNeoXConfig):
     _cls.register_for_auto_class("AutoConfig")
 
 __all__ = [
@@ -273,4 +282,5 @@ __all__ = [
     "NexusLlamaConfig",
     "NexusMistralConfig",
     "NexusQwen3Config",
+    "NexusGPTNeoXConfig",
 ]

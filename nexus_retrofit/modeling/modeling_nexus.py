@@ -1,4 +1,4 @@
-"""Nexus higher-order attention (arXiv 2512.03377) for Qwen2, Llama, Mistral and Qwen3.
+"""Nexus higher-order attention (arXiv 2512.03377) for Qwen2, Llama, Mistral, Qwen3 and GPT-NeoX (Pythia).
 
 Subclass, don't fork: each Nexus model is the transformers model with its attention modules
 replaced by a Nexus attention that subclasses the family's own attention class. RoPE, masks,
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from .configuration_nexus import (  # isort: skip
     TESTED_TRANSFORMERS,
     NexusConfig,
+    NexusGPTNeoXConfig,
     NexusLlamaConfig,
     NexusMistralConfig,
     NexusQwen2Config,
@@ -51,6 +52,11 @@ from torch import nn  # noqa: E402
 from transformers import initialization as init  # noqa: E402
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.models.gpt_neox.modeling_gpt_neox import (  # noqa: E402
+    GPTNeoXAttention,
+    GPTNeoXForCausalLM,
+    GPTNeoXModel,
+)
 from transformers.models.llama.modeling_llama import (  # noqa: E402
     LlamaAttention,
     LlamaForCausalLM,
@@ -80,9 +86,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on (B, heads, n, d) with cos/sin of shape (B, n, d); same arithmetic as transformers'."""
+    """RoPE on (B, heads, n, d) with cos/sin of shape (B, n, r); same arithmetic as transformers'.
+
+    Partial rotary (GPT-NeoX's `rotary_pct`, Pythia's 0.25): cos/sin cover the first r < d channels of
+    each head, which rotate; the other d - r pass through, as in the family's apply_rotary_pos_emb.
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (_rotate_half(x) * sin)
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return (x * cos) + (_rotate_half(x) * sin)
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    return torch.cat([(x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass], dim=-1)
 
 
 def _fusable(linear: nn.Module) -> bool:
@@ -206,6 +220,42 @@ def project_all(modules: list[nn.Module], x: torch.Tensor, head_dim: int) -> _He
     return _Heads(q, k, v, None if normed else _as_heads(y[..., : widths[0] + widths[1]], head_dim))
 
 
+def project_interleaved(modules: list[nn.Module], p: str, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """GPT-NeoX's `query_key_value`: the p-projection of every module on x, heads stacked in module order.
+
+    Its weight holds, head by head, that head's q, k and v rows ([q_0 k_0 v_0 | q_1 k_1 v_1 | ...]), so
+    the p rows are a strided slice: with a plain Linear only those rows are multiplied; otherwise (LoRA,
+    hooks, ZeRO-3) the module runs whole and its p block is kept.
+    """
+    index = "qkv".index(p)
+    blocks = []
+    for m in modules:
+        linear = m.query_key_value
+        if _fusable(linear):
+            rows = linear.weight.view(-1, 3, head_dim, linear.in_features)[:, index].reshape(
+                -1, linear.in_features
+            )
+            bias = None if linear.bias is None else linear.bias.view(-1, 3, head_dim)[:, index].reshape(-1)
+            blocks.append(_as_heads(nn.functional.linear(x, rows, bias), head_dim))
+        else:
+            blocks.append(_as_heads(linear(x), 3 * head_dim)[..., index * head_dim : (index + 1) * head_dim])
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+
+
+def project_all_interleaved(modules: list[nn.Module], x: torch.Tensor, head_dim: int) -> _Heads:
+    """q, k and v of every module on one input x through GPT-NeoX's fused `query_key_value`: one matmul
+    over the modules' weights stacked (each head's [q k v] rows stay together), then q, k, v as views."""
+    linears = [m.query_key_value for m in modules]
+    if all(map(_fusable, linears)) and len({lin.bias is not None for lin in linears}) == 1:
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+        y = nn.functional.linear(x, weight, bias)
+    else:
+        y = torch.cat([lin(x) for lin in linears], dim=-1)
+    q, k, v = _as_heads(y, 3 * head_dim).chunk(3, dim=-1)  # (B, n, modules * heads, d) each
+    return _Heads(q, k, v)
+
+
 def _version_error(what: str) -> RuntimeError:
     low, high = TESTED_TRANSFORMERS
     return RuntimeError(
@@ -220,6 +270,9 @@ class NexusAttentionMixin:
     """Nexus attention; mixed in front of a transformers attention class (Qwen2Attention, ...)."""
 
     base_attention_class: type[nn.Module]
+    # The family's output projection (Llama-style `o_proj`, GPT-NeoX's `dense`); the q/k/v projections
+    # are read through `_project` / `_project_all`, which a family with another layout overrides.
+    output_projection = "o_proj"
 
     def __init__(self, config: transformers.PretrainedConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -228,7 +281,7 @@ class NexusAttentionMixin:
         self.reading = reading(nexus.inner)  # what the reading decides: nexus_core.py
         self.gate_spec = GateSpec(nexus.gate, nexus.gate_shape, nexus.gate_fn)
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = self._kv_heads(config)
         self.dims = Dims(config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim)
         if self.reading.inner_modules and nexus.levels > 0:
             # Sec. 4.4: one full attention module per refined projection, same head layout and RoPE.
@@ -246,6 +299,22 @@ class NexusAttentionMixin:
         self.path_hook: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
 
     # ----------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _kv_heads(config: transformers.PretrainedConfig) -> int:
+        return config.num_key_value_heads
+
+    def _project(self, modules: list[nn.Module], p: str, x: torch.Tensor) -> torch.Tensor:
+        """The p-projection of `modules` on x, heads (B, n, heads, d) stacked in module order."""
+        return project(modules, p, x, self.head_dim)
+
+    def _project_all(self, modules: list[nn.Module], x: torch.Tensor) -> _Heads:
+        """q, k and v of `modules` on one input x."""
+        return project_all(modules, x, self.head_dim)
+
+    def _output(self, module: nn.Module, heads: torch.Tensor) -> torch.Tensor:
+        """The output projection of `module` (the layer itself or an inner module) on flat heads."""
+        return getattr(module, self.output_projection)(heads)
+
     def _gate_width(self, p: str) -> int:
         return self.reading.gate_width(p, self.gate_spec, self.dims)
 
@@ -351,7 +420,7 @@ class NexusAttentionMixin:
         x = hidden_states  # (B, n, hidden), after the input norm
         cos, sin = position_embeddings
         if self.nexus.levels == 0:  # order 1: the base layer's own attention
-            heads = project_all([self], x, self.head_dim)
+            heads = self._project_all([self], x)
         elif self.reading.on_heads:
             heads = self._self_refined_heads(x, cos, sin, attention_mask, cache, **kwargs)  # Eq. 7-8
         else:
@@ -368,7 +437,7 @@ class NexusAttentionMixin:
             self.num_key_value_groups,
             **kwargs,
         )
-        return self.o_proj(out.reshape(*x.shape[:-1], -1).contiguous()), weights
+        return self._output(self, out.reshape(*x.shape[:-1], -1).contiguous()), weights
 
     # ---------------------------------------------------------------- separate / shared (Eq. 10-12)
     def _refined_heads(
@@ -388,7 +457,7 @@ class NexusAttentionMixin:
         inner = [self] if shared else [self.inner[p] for p in self.nexus.projections]  # Eq. 12 / Sec. 4.4
         # Level 1 reads X everywhere: all q/k/v of the level in one matmul. These projections of X
         # hold at every level, so an unrefined one (V for QK) is taken from here, never recomputed.
-        on_x = project_all(inner, x, self.head_dim)
+        on_x = self._project_all(inner, x)
 
         def level_inner(level: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             heads = on_x if level == 1 else self._heads_on(inner, inputs, x, on_x)
@@ -409,7 +478,7 @@ class NexusAttentionMixin:
         def heads(p: str) -> torch.Tensor:
             if on_x is not None and inputs[p] is x:
                 return getattr(on_x, p)
-            return project(modules, p, inputs[p], self.head_dim)
+            return self._project(modules, p, inputs[p])
 
         return _Heads(heads("q"), heads("k"), heads("v"))
 
@@ -443,7 +512,7 @@ class NexusAttentionMixin:
         return inner_outputs(
             self.reading, self.nexus.projections, self._gates(), self.gate_spec, self.head_dim,
             heads_of=lambda p: out[..., block[p], :],
-            o_proj=lambda p, heads: modules[block[p]].o_proj(heads),
+            o_proj=lambda p, heads: self._output(modules[block[p]], heads),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------ self (Eq. 7-8)
@@ -459,7 +528,7 @@ class NexusAttentionMixin:
         """The outer heads of the `self` reading (nexus_core.refine_heads): per head, P^(l) = P + f(g_p) *
         softmax(R(P^(l-1)) R(P^(l-1))^T s + M) P^(l-1), every refined projection's heads in one kernel
         call per level."""
-        on_x = project_all([self], x, self.head_dim)
+        on_x = self._project_all([self], x)
         base = {p: getattr(on_x, p).flatten(-2) for p in "qkv"}  # (B, n, heads_p * d), views
         ps = self.nexus.projections
 
@@ -538,6 +607,42 @@ class NexusQwen3Attention(NexusAttentionMixin, Qwen3Attention):
     base_attention_class = Qwen3Attention
 
 
+class NexusGPTNeoXAttention(NexusAttentionMixin, GPTNeoXAttention):
+    """GPT-NeoX (Pythia): one fused `query_key_value` with each head's q, k, v rows together, `dense` as
+    the output projection, partial rotary (`_rope`), biases, no GQA; the cache arrives as `layer_past`."""
+
+    base_attention_class = GPTNeoXAttention
+    output_projection = "dense"
+    num_key_value_groups = 1  # what the attention kernels read; GPT-NeoX has a KV head per query head
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_size
+
+    @staticmethod
+    def _kv_heads(config: transformers.PretrainedConfig) -> int:
+        return config.num_attention_heads
+
+    def _project(self, modules: list[nn.Module], p: str, x: torch.Tensor) -> torch.Tensor:
+        return project_interleaved(modules, p, x, self.head_dim)
+
+    def _project_all(self, modules: list[nn.Module], x: torch.Tensor) -> _Heads:
+        return project_all_interleaved(modules, x, self.head_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        layer_past: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if layer_past is not None and kwargs.get("cache") not in (None, layer_past):
+            raise ValueError("Nexus attention got two different caches under layer_past and cache; pass one.")
+        kwargs["cache"] = layer_past if layer_past is not None else kwargs.get("cache")
+        return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+
+
 # ----------------------------------------------------------------------------------- models
 class _NexusModelMixin:
     """The family's model with every decoder layer's attention a Nexus attention.
@@ -549,6 +654,7 @@ class _NexusModelMixin:
     """
 
     nexus_attention_class: type[nn.Module]
+    attention_attribute = "self_attn"  # a decoder layer's attention module (GPT-NeoX: `attention`)
     # A static cache is refused (the inner levels' slots are appended to a dynamic cache), so the
     # fullgraph-compiled generation path that transformers takes when this is True cannot run.
     _can_compile_fullgraph = False
@@ -568,12 +674,13 @@ class _NexusModelMixin:
         return (model, info) if want_info else model
 
     def post_init(self) -> None:
-        decoder = getattr(self, "model", self)  # *ForCausalLM holds the decoder as .model
-        if any(isinstance(layer.self_attn, NexusAttentionMixin) for layer in decoder.layers):
+        decoder = getattr(self, self.base_model_prefix, self)  # *ForCausalLM: .model (GPT-NeoX: .gpt_neox)
+        name = self.attention_attribute
+        if any(isinstance(getattr(layer, name), NexusAttentionMixin) for layer in decoder.layers):
             super().post_init()  # called again later (not by the family): never rebuild or re-start
             return
         for i, layer in enumerate(decoder.layers):
-            layer.self_attn = self.nexus_attention_class(self.config, i)
+            setattr(layer, name, self.nexus_attention_class(self.config, i))
         super().post_init()
         _start_nexus_parameters(self)
 
@@ -597,7 +704,8 @@ def _start_tensors(attention: NexusAttentionMixin) -> list[torch.Tensor]:
     tensors = list(getattr(attention, "gates", {}).values())
     if attention.nexus.inner_init == "zero_out" and hasattr(attention, "inner"):
         for inner in attention.inner.values():
-            tensors += [t for t in (inner.o_proj.weight, inner.o_proj.bias) if t is not None]
+            out = getattr(inner, attention.output_projection)
+            tensors += [t for t in (out.weight, out.bias) if t is not None]
     return tensors
 
 
@@ -621,16 +729,19 @@ def init_nexus_parameters(attention: NexusAttentionMixin) -> None:
         init.constant_(gate, nexus.gate_start)
     if nexus.inner_init == "zero_out" and hasattr(attention, "inner"):  # order 1 has none
         for inner in attention.inner.values():
-            init.zeros_(inner.o_proj.weight)
-            if inner.o_proj.bias is not None:
-                init.zeros_(inner.o_proj.bias)
+            out = getattr(inner, attention.output_projection)
+            init.zeros_(out.weight)
+            if out.bias is not None:
+                init.zeros_(out.bias)
     attention._nexus_started = not any(t.is_meta for t in _start_tensors(attention))
 
 
 # ------------------------------------------------------------------------- checkpoint integrity
 # The attributes under which a Nexus attention holds what a conversion adds (state-dict names
-# `...self_attn.inner.<p>.*` and `...self_attn.gates.<p>`; nexus_retrofit.modeling.names reads the same).
+# `...self_attn.inner.<p>.*` and `...self_attn.gates.<p>`, GPT-NeoX `...attention.inner.<p>.*`;
+# nexus_retrofit.modeling.names reads the same).
 NEXUS_SUBMODULES = ("inner", "gates")
+ATTENTION_ATTRIBUTES = ("self_attn", "attention")
 _SHOWN = 3  # tensor names an error message lists before "... (N in all)"
 
 
@@ -640,7 +751,7 @@ class NexusCheckpointError(ValueError):
 
 def _is_nexus_key(name: str) -> bool:
     parts = name.split(".")
-    return any(a == "self_attn" and b in NEXUS_SUBMODULES for a, b in zip(parts, parts[1:]))
+    return any(a in ATTENTION_ATTRIBUTES and b in NEXUS_SUBMODULES for a, b in zip(parts, parts[1:]))
 
 
 def _own_nexus_names(attention: nn.Module) -> list[str]:
@@ -665,14 +776,19 @@ def nexus_tensor_names(model_or_config: nn.Module | transformers.PretrainedConfi
             for name in _own_nexus_names(module)
         ]
     config = model_or_config
-    attention_cls = _ATTENTION_CLASSES.get(config.model_type)
-    if attention_cls is None:
+    lm_cls = _CAUSAL_LM_CLASSES.get(config.model_type)
+    if lm_cls is None:
         raise ValueError(
-            f"model_type {config.model_type!r} is not a Nexus model type ({', '.join(_ATTENTION_CLASSES)})"
+            f"model_type {config.model_type!r} is not a Nexus model type ({', '.join(_CAUSAL_LM_CLASSES)})"
         )
     with torch.device("meta"):  # shapes only: nothing is allocated
-        own = _own_nexus_names(attention_cls(config, 0))
-    return [f"model.layers.{i}.self_attn.{name}" for i in range(config.num_hidden_layers) for name in own]
+        own = _own_nexus_names(lm_cls.nexus_attention_class(config, 0))
+    layers = f"{lm_cls.base_model_prefix}.layers"
+    return [
+        f"{layers}.{i}.{lm_cls.attention_attribute}.{name}"
+        for i in range(config.num_hidden_layers)
+        for name in own
+    ]
 
 
 def _listed(names: list[str]) -> str:
@@ -758,16 +874,50 @@ class NexusQwen3ForCausalLM(_NexusModelMixin, Qwen3ForCausalLM):
     nexus_attention_class = NexusQwen3Attention
 
 
-_ATTENTION_CLASSES = {
-    NexusQwen2Config.model_type: NexusQwen2Attention,
-    NexusLlamaConfig.model_type: NexusLlamaAttention,
-    NexusMistralConfig.model_type: NexusMistralAttention,
-    NexusQwen3Config.model_type: NexusQwen3Attention,
+class NexusGPTNeoXModel(_NexusModelMixin, GPTNeoXModel):
+    config_class = NexusGPTNeoXConfig
+    nexus_attention_class = NexusGPTNeoXAttention
+    attention_attribute = "attention"
+
+
+class NexusGPTNeoXForCausalLM(_NexusModelMixin, GPTNeoXForCausalLM):
+    config_class = NexusGPTNeoXConfig
+    nexus_attention_class = NexusGPTNeoXAttention
+    attention_attribute = "attention"
+
+
+_CAUSAL_LM_CLASSES = {
+    cls.config_class.model_type: cls
+    for cls in (
+        NexusQwen2ForCausalLM,
+        NexusLlamaForCausalLM,
+        NexusMistralForCausalLM,
+        NexusQwen3ForCausalLM,
+        NexusGPTNeoXForCausalLM,
+    )
 }
 
+
+def _inherit_checkpoint_names(cls: type) -> None:
+    """Give a Nexus class its family's checkpoint renames (GPT-NeoX: Pythia's `embed_out` is the
+    `lm_head`), so it saves and loads the names a base checkpoint of the family has and streaming
+    conversion and vLLM read them as such. transformers looks renames up by class name and skips custom
+    classes unless registered, so without this a Nexus GPT-NeoX would save `lm_head.weight`."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    family_cls = next(c for c in cls.__mro__[1:] if c.__module__.startswith("transformers.models."))
+    renames = get_checkpoint_conversion_mapping(family_cls.__name__)
+    if renames:
+        register_checkpoint_conversion_mapping(cls.__name__, renames, overwrite=True)
+
+
 # save_pretrained copies this file (and configuration_nexus.py, which it imports) next to the weights.
-for _cls in (NexusQwen2ForCausalLM, NexusLlamaForCausalLM, NexusMistralForCausalLM, NexusQwen3ForCausalLM):
+for _cls in _CAUSAL_LM_CLASSES.values():
     _cls.register_for_auto_class("AutoModelForCausalLM")
+    _inherit_checkpoint_names(_cls)
 
 __all__ = [
     "NexusAttentionMixin",
@@ -783,4 +933,6 @@ __all__ = [
     "NexusMistralForCausalLM",
     "NexusQwen3Model",
     "NexusQwen3ForCausalLM",
+    "NexusGPTNeoXModel",
+    "NexusGPTNeoXForCausalLM",
 ]

@@ -3,7 +3,7 @@
 `use_peft: true` in a recipe builds TRL's LoraConfig from the `lora_*` keys (`trl.get_peft_config`, as
 open-r1 does) and adapts it to a Nexus model:
 
-- LoRA goes on the outer attention projections (q/k/v/o of each layer's `self_attn`) unless
+- LoRA goes on the outer attention projections (q/k/v/o of each layer's `self_attn`; GPT-NeoX's `query_key_value` and `dense`) unless
   `lora_target_modules` says otherwise; the inner attention modules are never LoRA targets.
 - The inner attention modules train in full through PEFT's `modules_to_save` (`self_attn.inner.q`, ...:
   PEFT refuses to wrap the ModuleDict itself, but its values are ordinary attention modules).
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..modeling.names import GATE_MARKER, INNER_MARKER
+from ..modeling.names import INNER_PATTERN, is_gate, split_inner
 from .errors import RecipeError
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OUTER_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-INNER_PATTERN = r".*\.self_attn\.inner\..*"  # PEFT's exclude_modules: a regex over full module names
+OUTER_ATTENTION_FUSED = ("query_key_value", "dense")  # GPT-NeoX: one fused q/k/v, `dense` as o_proj
 GATES_FILE = "nexus_gates.safetensors"
 
 
@@ -48,15 +48,16 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def inner_module_suffixes(model: nn.Module) -> list[str]:
-    """`self_attn.inner.<p>` for every inner attention module: PEFT matches modules_to_save by suffix."""
-    marker = INNER_MARKER
-    return sorted(
-        {
-            "self_attn.inner." + name.rsplit(marker, 1)[1]
-            for name, _ in model.named_modules()
-            if marker in name and "." not in name.rsplit(marker, 1)[1]
-        }
-    )
+    """`self_attn.inner.<p>` (GPT-NeoX `attention.inner.<p>`) for every inner attention module: PEFT
+    matches modules_to_save by suffix."""
+    found = (split_inner(name) for name, _ in model.named_modules())
+    return sorted({head + rest for head, rest in filter(None, found) if "." not in rest})
+
+
+def outer_attention_targets(model: nn.Module) -> set[str]:
+    """The outer attention projections, by the names the family gives them."""
+    fused = any(name.endswith(".query_key_value") for name, _ in model.named_modules())
+    return set(OUTER_ATTENTION_FUSED if fused else OUTER_ATTENTION)
 
 
 def _check_lora_values(model_args: ModelConfig) -> None:
@@ -90,7 +91,7 @@ def lora_config(model_args: ModelConfig, model: nn.Module) -> LoraConfig | None:
         return None
     targets = config.target_modules
     if not targets:  # PEFT's own default looks the model type up, and nexus_* types are not in its table
-        config.target_modules = set(OUTER_ATTENTION)
+        config.target_modules = outer_attention_targets(model)
     elif targets == {"all-linear"}:  # TRL passes a list; PEFT expands the shorthand only as a string
         config.target_modules = "all-linear"
     inner = inner_module_suffixes(model)
@@ -116,7 +117,7 @@ def check_peft_engine(training: TrainingArguments, use_peft: bool) -> None:
 
 def unfreeze_gates(model: nn.Module) -> int:
     """Mark the gates trainable (PEFT froze them with the base model); the number of gate tensors."""
-    gates = [p for name, p in model.named_parameters() if GATE_MARKER in name]
+    gates = [p for name, p in model.named_parameters() if is_gate(name)]
     for param in gates:
         param.requires_grad_(True)
     return len(gates)
@@ -125,7 +126,7 @@ def unfreeze_gates(model: nn.Module) -> int:
 def _gates(model: nn.Module) -> dict[str, nn.Parameter]:
     """The gates by their name in the base model (as in a merged checkpoint)."""
     base = model.get_base_model() if is_peft_model(model) else model
-    return {name: p for name, p in base.named_parameters() if GATE_MARKER in name}
+    return {name: p for name, p in base.named_parameters() if is_gate(name)}
 
 
 def save_gates(model: nn.Module, folder: str | os.PathLike) -> None:

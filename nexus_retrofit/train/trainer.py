@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from ..modeling import NexusAttentionMixin
-from ..modeling.names import GATE_MARKER, is_nexus_parameter
+from ..modeling.names import is_gate, is_nexus_parameter
 from .errors import RecipeError
 from .lora import is_peft_model, load_gates, save_gates, unfreeze_gates
 
@@ -62,7 +62,7 @@ def nexus_param_groups(
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
-        gate = GATE_MARKER in name
+        gate = is_gate(name)
         if gate and own_gate_group:
             buckets["nexus_gates"].append(param)
             continue

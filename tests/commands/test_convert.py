@@ -199,3 +199,65 @@ def test_inspect_errors_are_one_line(base_dir, breakage, fragment):
     result = _run("inspect", base_dir)
     assert result.exit_code == 2, result.output
     assert fragment in " ".join(result.output.split()) and result.exception.__class__ is SystemExit
+
+
+# GPT-NeoX / Pythia: a checkpoint as the Hub has them (`embed_out`, config with rotary_pct) ------------
+def _pythia_style(folder):
+    """The config keys Pythia's Hub configs use (rotary_pct, rotary_emb_base), not rope_parameters."""
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture
+def pythia_dir(tmp_path):
+    folder = tmp_path / "pythia"
+    save_tiny_base(folder, "gpt_neox")
+    _pythia_style(folder)
+    return folder
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "in-memory"])
+def test_convert_a_pythia_checkpoint_preserves_its_function(pythia_dir, tmp_path, streaming):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "nexus"
+    argv = ["convert", pythia_dir, out, "--order", "2", "--proj", "qkv"]
+    result = _run(*argv, *([] if streaming else ["--no-streaming"]))
+    assert result.exit_code == 0, result.output
+    names = set()
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            names |= set(f.keys())
+    assert "embed_out.weight" in names and "lm_head.weight" not in names  # Pythia's own name for the head
+    assert any(".attention.inner.v.query_key_value.weight" in n for n in names)
+    ids = torch.randint(1, 100, (2, 9))
+    base = AutoModelForCausalLM.from_pretrained(pythia_dir).eval()
+    nexus = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(nexus).__name__ == "NexusGPTNeoXForCausalLM"
+    assert nexus.config.rope_parameters["partial_rotary_factor"] == 0.25
+    with torch.no_grad():
+        assert (nexus(ids).logits - base(ids).logits).abs().max().item() <= 1e-5
+
+
+PYTHIA_DEFECTS = [
+    pytest.param(dict(rotary_pct=0.1), "rotary_pct=0.1 rotates 1 of the 16 channels", id="odd-rotary-dims"),
+    pytest.param(dict(rotary_pct=0.0), "rotary_pct=0.0 must be in (0, 1]", id="no-rotary"),
+    pytest.param(dict(rotary_pct=1.5), "rotary_pct=1.5 must be in (0, 1]", id="rotary-over-one"),
+    pytest.param(dict(hidden_size=66), "hidden_size=66 is not a multiple of num_attention_heads=4", id="ragged-heads"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("changes, fragment", PYTHIA_DEFECTS)
+def test_pythia_layouts_the_code_does_not_handle_fail_before_loading(
+    pythia_dir, tmp_path, monkeypatch, changes, fragment
+):
+    _edit_config(pythia_dir, **changes)
+    _refuse_loading(monkeypatch)
+    result = _run("convert", pythia_dir, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert fragment in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,11 @@ VARIANTS = {  # name: (family, NexusConfig kwargs)
     "qwen2-separate-m2-qk": ("qwen2", dict(order=2, inner="separate", projections="qk")),
     "llama-shared-m3-qk": ("llama", dict(order=3, inner="shared", projections="qk")),
     "qwen3-self-m2-qkv": ("qwen3", dict(order=2, inner="self", projections="qkv")),
+    "gpt_neox-separate-m2-qkv": ("gpt_neox", dict(order=2, inner="separate", projections="qkv")),
+    "gpt_neox_sequential-shared-m3-qk": (
+        "gpt_neox_sequential",
+        dict(order=3, inner="shared", projections="qk"),
+    ),
 }
 NEW_TOKENS = 6
 
@@ -69,6 +74,8 @@ def write(out: Path) -> None:
     import torch
     import transformers
     from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
         Qwen2Config,
@@ -79,10 +86,20 @@ def write(out: Path) -> None:
 
     from nexus_retrofit import NexusConfig, convert
 
+    gqa = {"num_key_value_heads": 2}
+    pythia = {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+    }
     families = {
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-        "llama": (LlamaConfig, LlamaForCausalLM, {}),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, gqa),
+        "llama": (LlamaConfig, LlamaForCausalLM, gqa),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16, **gqa}),
+        "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, {"use_parallel_residual": True, **pythia}),
+        "gpt_neox_sequential": (
+            GPTNeoXConfig,
+            GPTNeoXForCausalLM,
+            {"use_parallel_residual": False, **pythia},
+        ),
     }
     for name, (family, settings) in VARIANTS.items():
         config_cls, model_cls, extra = families[family]
@@ -91,7 +108,6 @@ def write(out: Path) -> None:
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
-            num_key_value_heads=2,
             vocab_size=101,
             max_position_embeddings=128,
             pad_token_id=0,

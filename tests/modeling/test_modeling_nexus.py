@@ -12,7 +12,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from nexus_retrofit import NexusConfig, convert
 from nexus_retrofit.modeling import modeling_nexus
-from tests.conftest import FAMILIES, perturb_nexus, tiny_base_model
+from tests.conftest import (
+    FAMILIES,
+    attention_of,
+    decoder_layers,
+    is_output_projection,
+    perturb_nexus,
+    tiny_base_model,
+)
 
 INNERS = ("separate", "shared", "self")
 PROJECTIONS = ("q", "k", "v", "qk", "qv", "kv", "qkv")
@@ -278,7 +285,7 @@ def test_gradient_checkpointing_matches(ids):
 
 
 # 7. fused projections: one matmul per level, exactly the per-module computation ---------------
-def _hook_projections(model, names=("q_proj", "k_proj", "v_proj")) -> list[str]:
+def _hook_projections(model, names=("q_proj", "k_proj", "v_proj", "query_key_value")) -> list[str]:
     """A forward hook on every q/k/v projection: hooked modules are never fused. Returns call log."""
     calls: list[str] = []
     for name, module in model.named_modules():
@@ -298,6 +305,7 @@ FUSION_CASES = [
 @pytest.mark.parametrize("family,inner,order,proj", FUSION_CASES)
 def test_fused_projections_equal_separate_module_calls(family, inner, order, proj, ids):
     model = _nexus_model(family, inner, order, proj, "zero")
+    perturb_nexus(model)  # a zero gate would hide the inner projections
     fused = _logits(model, ids)
     calls = _hook_projections(model)
     unfused = _logits(model, ids)
@@ -357,12 +365,11 @@ def test_model_class_builds_each_nexus_attention_once(family, bare, monkeypatch)
     model = model_cls(converted.config)
 
     layers = converted.config.num_hidden_layers
-    decoder = model if bare else model.model
     assert len(built) == layers and len(inits) == 1
-    assert all(isinstance(layer.self_attn, attention_cls) for layer in decoder.layers)
+    assert all(isinstance(attention_of(layer), attention_cls) for layer in decoder_layers(model))
     weights = {name: p.detach() for name, p in model.named_parameters()}
     gates = [w for name, w in weights.items() if ".gates." in name]
-    inner_out = [w for name, w in weights.items() if ".inner." in name and "o_proj" in name]
+    inner_out = [w for name, w in weights.items() if ".inner." in name and is_output_projection(name)]
     assert gates and all(torch.equal(g, torch.ones_like(g)) for g in gates)  # the open gate's start
     assert inner_out and all(not w.any() for w in inner_out)  # zero_out
 
