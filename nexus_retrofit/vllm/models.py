@@ -1,5 +1,11 @@
 """vLLM model classes for Nexus checkpoints: vLLM's Qwen2 / Qwen3 / Llama models, Nexus attention.
 
+GPT-NeoX (Pythia) has no native vLLM model in the tested releases (vLLM serves the stock one through its
+Transformers backend), so `NexusGPTNeoXForCausalLM` is built here from vLLM's parallel layers: the
+embedding, LayerNorms, GELU MLP, LM head, and the Nexus attention of Llama (vLLM's LlamaAttention takes
+GPT-NeoX's biases and, from `rope_parameters`, its partial rotary). The checkpoint's fused per-head
+`query_key_value` is split into vLLM's stacked q/k/v on loading.
+
 Everything but the attention is vLLM's own: `Qwen2Model` / `LlamaModel` (embedding, layer stack,
 final norm, tensor-parallel linears, torch.compile), the MLPs, norms, LM head and weight loading
 (HF names; q/k/v and gate/up stacked by vLLM's mapper, Nexus inner modules and gates by name).
@@ -13,16 +19,20 @@ ordinary causal vLLM `Attention` with its own paged cache).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from vllm.config import CacheConfig, VllmConfig
+from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaModel
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2MLP, Qwen2Model
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
@@ -221,7 +231,160 @@ class NexusMistralForCausalLM(NexusLlamaForCausalLM):
     """HF-format Mistral is Llama's layout (vLLM runs it with Llama layers); sliding window from the config."""
 
 
+# ------------------------------------------------------------------------------------- GPT-NeoX
+class _GPTNeoXMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.dense_h_to_4h = ColumnParallelLinear(
+            hidden, inner, bias=True, quant_config=quant_config, prefix=f"{prefix}.dense_h_to_4h"
+        )
+        self.dense_4h_to_h = RowParallelLinear(
+            inner, hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.dense_4h_to_h"
+        )
+        self.act = get_act_fn(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)[0]))[0]
+
+
+class NexusGPTNeoXLayer(nn.Module):
+    """GPT-NeoX's decoder layer (LayerNorms, parallel or sequential residual) with a Nexus attention."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        _check_nexus_config(config)
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = NexusLlamaAttention(
+            config=config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_attention_heads,  # no GQA
+            max_position_embeddings=config.max_position_embeddings,
+            quant_config=quant_config,
+            bias=config.attention_bias,
+            bias_o_proj=config.attention_bias,
+            cache_config=cache_config,
+            prefix=f"{prefix}.attention",
+        )
+        self.mlp = _GPTNeoXMLP(config, quant_config, f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        attention = self.attention(positions, self.input_layernorm(hidden_states))
+        if self.use_parallel_residual:  # x + Attn(LN1(x)) + MLP(LN2(x))
+            return self.mlp(self.post_attention_layernorm(hidden_states)) + attention + hidden_states
+        hidden_states = attention + hidden_states  # h = x + Attn(LN1(x)); h + MLP(LN2(h))
+        return self.mlp(self.post_attention_layernorm(hidden_states)) + hidden_states
+
+
+class _NexusGPTNeoXModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config.get_text_config()
+        cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
+        self.embed_in = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_in"
+        )
+        self.layers = nn.ModuleList(
+            NexusGPTNeoXLayer(config, cache_config, quant_config, f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
+        )
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_in(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_in(input_ids)
+        for layer in self.layers:
+            hidden_states = layer(positions, hidden_states)
+        return self.final_layer_norm(hidden_states)
+
+
+# HF names of an attention's output projection: the layer's `attention.dense`, an inner module's `dense`
+_GPT_NEOX_DENSE = re.compile(r"\.(attention|inner\.[qkv])\.dense\.")
+_GPT_NEOX_IGNORED = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")  # old buffers
+
+
+class NexusGPTNeoXForCausalLM(nn.Module):
+    """Causal LM over the GPT-NeoX layers above; HF names (`gpt_neox.*`, Pythia's `embed_out`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config.get_text_config()
+        self.nexus = _check_nexus_config(config)
+        self.config = config
+        self.gpt_neox = _NexusGPTNeoXModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "gpt_neox"))
+        self.embed_out = ParallelLMHead(
+            config.vocab_size,
+            config.hidden_size,
+            quant_config=vllm_config.quant_config,
+            prefix=maybe_prefix(prefix, "embed_out"),
+        )
+        if config.tie_word_embeddings:
+            self.embed_out = self.embed_out.tie_weights(self.gpt_neox.embed_in)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt_neox.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.gpt_neox(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.embed_out, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """HF GPT-NeoX names onto vLLM's modules: `query_key_value` (each head's [q k v] rows together)
+        is split into q, k and v for the stacked `qkv_proj`; `dense` of an attention is its `o_proj`."""
+        params = dict(self.named_parameters())
+        heads = self.config.num_attention_heads
+        head_dim = self.config.hidden_size // heads
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(_GPT_NEOX_IGNORED):
+                continue
+            if name == "embed_out.weight" and self.config.tie_word_embeddings:
+                continue  # the embedding, loaded under its own name
+            if ".query_key_value." in name:
+                target = name.replace(".query_key_value.", ".qkv_proj.")
+                param = params[target]
+                per_head = tensor.view(heads, 3, head_dim, *tensor.shape[1:])
+                for i, shard in enumerate("qkv"):
+                    param.weight_loader(
+                        param, per_head[:, i].reshape(heads * head_dim, *tensor.shape[1:]), shard
+                    )
+            else:
+                target = _GPT_NEOX_DENSE.sub(lambda m: f".{m.group(1)}.o_proj.", name)
+                param = params[target]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(target)
+        return loaded
+
+
 __all__ = [
+    "NexusGPTNeoXForCausalLM",
+    "NexusGPTNeoXLayer",
     "NexusLlamaDecoderLayer",
     "NexusLlamaForCausalLM",
     "NexusMistralForCausalLM",

@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -44,14 +46,24 @@ _COMMON = dict(
     intermediate_size=256,
     num_hidden_layers=2,
     num_attention_heads=2,
-    num_key_value_heads=1,
     max_position_embeddings=512,
 )
+GQA = dict(num_key_value_heads=1)
+PYTHIA_ROPE = dict(
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+)
 FAMILIES = {
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
-    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(head_dim=64, sliding_window=None)),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=64, tie_word_embeddings=True)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False, **GQA)),
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False, **GQA)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(head_dim=64, sliding_window=None, **GQA)),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=64, tie_word_embeddings=True, **GQA)),
+    # Pythia's layout: a quarter of each head rotates, biases, LayerNorm; both residual forms
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, dict(use_parallel_residual=True, **PYTHIA_ROPE)),
+    "gpt_neox_sequential": (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        dict(use_parallel_residual=False, tie_word_embeddings=True, **PYTHIA_ROPE),
+    ),
 }
 
 

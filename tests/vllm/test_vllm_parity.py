@@ -55,6 +55,10 @@ CASES = [
         ("llama", "self", 2, "kv", {"gate": "none"}, False),
         ("qwen3", "separate", 2, "qk", {"gate": "zero"}, False),
         ("mistral", "shared", 2, "qk", {"gate": "zero"}, False),
+        ("gpt_neox", "separate", 2, "qk", {}, False),
+        ("gpt_neox", "separate", 3, "qkv", {"gate": "zero"}, False),
+        ("gpt_neox_sequential", "shared", 2, "qk", {"gate": "none"}, False),
+        ("gpt_neox_sequential", "self", 2, "qkv", {"gate": "zero", "gate_shape": "head"}, False),
         (
             "llama",
             "separate",
