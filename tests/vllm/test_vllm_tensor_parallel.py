@@ -1,6 +1,7 @@
 """Tensor parallelism: two CPU ranks give HF's greedy tokens and logprobs.
 
-4 query heads, 2 KV heads over 2 ranks: each rank holds 2 query heads and 1 KV head. The `self`
+4 query heads, 2 KV heads over 2 ranks: each rank holds 2 query heads and 1 KV head (GPT-NeoX: 4 heads,
+2 per rank, cut out of its fused per-head query_key_value). The `self`
 variant's gates are per head (heads * head_dim), so they are sharded like the heads: this checks
 that every rank loads its own slice of each gate. (1 KV head over 2 ranks, where KV heads are
 replicated, was checked by hand the same way.) Workers are fresh processes: the architectures come
@@ -27,10 +28,18 @@ MAX_NEW_TOKENS = 16
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.usefixtures("vllm_in_process")]
 
 
-def test_tensor_parallel_matches_hf(tmp_path):
-    nexus = NexusConfig(order=2, projections="qkv", inner="self")
+CASES = [  # (family, Nexus settings, base config overrides)
+    pytest.param("qwen2", dict(inner="self"), dict(num_key_value_heads=2), id="qwen2-self-gqa"),
+    # GPT-NeoX: each rank takes its heads' rows out of the per-head interleaved query_key_value
+    pytest.param("gpt_neox", dict(inner="separate"), {}, id="gpt_neox-separate"),
+]
+
+
+@pytest.mark.parametrize("family,settings,overrides", CASES)
+def test_tensor_parallel_matches_hf(tmp_path, family, settings, overrides):
+    nexus = NexusConfig(order=2, projections="qkv", **settings)
     path = build_checkpoint(
-        tmp_path / "ckpt", "qwen2", nexus, hidden_size=256, num_attention_heads=4, num_key_value_heads=2
+        tmp_path / "ckpt", family, nexus, hidden_size=256, num_attention_heads=4, **overrides
     )
     prompts = random_prompts(300, (5, 40))
     reference = hf_greedy(path, prompts, MAX_NEW_TOKENS)
