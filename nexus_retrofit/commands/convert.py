@@ -25,7 +25,11 @@ def convert(
         2, "--order", help=f"Attention order m, 1..{MAX_ORDER} (1 = standard attention)."
     ),
     proj: str = typer.Option("qk", "--proj", help="Refined projections: q, qk or qkv."),
-    inner: str = typer.Option("separate", "--inner", help="Inner attention: separate, shared or self."),
+    inner: str = typer.Option(
+        "separate",
+        "--inner",
+        help="Inner attention: separate, shared or self (or mlp, the token-wise control of the experiments).",
+    ),
     gate: str = typer.Option(
         None,
         "--gate",

@@ -38,14 +38,16 @@ from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config,
 # MAX_ORDER is tested. Order 1 is standard attention (a Nexus checkpoint that adds nothing).
 MAX_ORDER = 4
 PROJECTIONS = ("q", "k", "v")
-INNER_KINDS = ("separate", "shared", "self")
+# "mlp" is not the paper's: the token-wise control (X_p = X + f(g_p) * MLP_p(X), one level), nonlinear
+# in X but mixing no context, so an experiment can tell "Q/K are nonlinear in X" from "Q/K mix context".
+INNER_KINDS = ("separate", "shared", "self", "mlp")
 GATE_KINDS = ("zero", "open", "none")
 INNER_INITS = ("random", "copy", "zero_out")
 GATE_SHAPES = ("channel", "head", "scalar")
 GATE_FUNCTIONS = ("identity", "tanh")
 # Measured default (eval/results/experiments/retrofit/README.md): the gate a conversion gets for each
 # inner kind when `gate` is not given.
-DEFAULT_GATE = {"separate": "open", "shared": "zero", "self": "zero"}
+DEFAULT_GATE = {"separate": "open", "shared": "zero", "self": "zero", "mlp": "zero"}
 # The value of each setting added after the first release, for a saved `nexus` block that predates
 # it: such a checkpoint loads exactly as it did (per-channel raw gates).
 LEGACY_SETTINGS: dict[str, Any] = {"gate_shape": "channel", "gate_fn": "identity"}
@@ -86,11 +88,19 @@ def _check_combination(c: NexusConfig) -> None:
     if c.inner_init in ("copy", "zero_out") and c.inner != "separate":
         raise ValueError(
             f"NexusConfig.inner_init={c.inner_init!r} only applies to inner='separate' (it initialises the new "
-            f"inner modules); inner={c.inner!r} has no inner modules: use inner_init='random'"
+            f"inner attention modules); inner={c.inner!r} has none: use inner_init='random'"
         )
     if c.inner_init == "zero_out" and c.gate != "open":
         why = "the path would stay 0 and never train" if c.gate == "zero" else "X_p would be 0"
         raise ValueError(f"NexusConfig.inner_init='zero_out' needs gate='open' (with gate={c.gate!r} {why})")
+    if c.inner == "mlp" and c.gate_shape == "head":
+        raise ValueError(
+            "NexusConfig.inner='mlp' has no inner heads to gate: use gate_shape 'channel' or 'scalar'"
+        )
+    if c.inner == "mlp" and c.order > 2:
+        raise ValueError(
+            f"NexusConfig.inner='mlp' (the token-wise control) has one level: order must be 1 or 2, got {c.order}"
+        )
     if c.gate == "open" and c.inner != "separate":
         raise ValueError(
             f"NexusConfig.gate='open' needs inner='separate': inner={c.inner!r} has no inner o_proj to start at 0, "
@@ -106,7 +116,9 @@ class NexusConfig:
         attentions (Eq. 10-11), inner weights and gates shared across levels.
     projections: which projection inputs are refined (Table 2: "q", "qk", "qkv").
     inner: "separate" (own attention module per refined projection, Sec. 4.4), "shared" (the layer's
-        own attention, Eq. 12) or "self" (parameter-free per-head self-attention on Q/K, Eq. 7-8).
+        own attention, Eq. 12) or "self" (parameter-free per-head self-attention on Q/K, Eq. 7-8); "mlp"
+        is a control, not the paper's: X_p = X + f(g_p) * MLP_p(X), one token-wise MLP per refined
+        projection (order 2), sized like one inner attention. vLLM does not serve it.
     gate: the gated residual X_p = X + f(g_p) * Inner_p(X) (beyond the paper), with the raw gate g_p
         starting at 0 ("zero": function-preserving, but the inner modules get no gradient until g_p
         moves) or at 1 ("open": the path starts on; exactly function-preserving only with
@@ -174,7 +186,7 @@ class NexusConfig:
     @property
     def distinct_attention_calls(self) -> int:
         """Distinct attention calls per layer: the paper's 2^m - 1 tree collapses to a chain (docs/DESIGN.md §1)."""
-        per_level = 1 if self.inner == "shared" else len(self.projections)
+        per_level = {"shared": 1, "mlp": 0}.get(self.inner, len(self.projections))
         return 1 + per_level * self.levels
 
     @property

@@ -284,10 +284,10 @@ class NexusAttentionMixin:
         self.num_kv_heads = self._kv_heads(config)
         self.dims = Dims(config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim)
         if self.reading.inner_modules and nexus.levels > 0:
-            # Sec. 4.4: one full attention module per refined projection, same head layout and RoPE.
-            self.inner = nn.ModuleDict(
-                {p: self.base_attention_class(config, layer_idx) for p in nexus.projections}
-            )
+            # Sec. 4.4: one full attention module per refined projection, same head layout and RoPE
+            # (the `mlp` control: a token-wise MLP of the same size instead).
+            make = self.base_attention_class if self.reading.attends else self._token_mlp
+            self.inner = nn.ModuleDict({p: make(config, layer_idx) for p in nexus.projections})
         if nexus.gate != "none" and nexus.levels > 0:
             self.gates = nn.ParameterDict(
                 {
@@ -302,6 +302,14 @@ class NexusAttentionMixin:
     @staticmethod
     def _kv_heads(config: transformers.PretrainedConfig) -> int:
         return config.num_key_value_heads
+
+    def _token_mlp(self, config: transformers.PretrainedConfig, layer_idx: int) -> NexusTokenMLP:
+        """MLP_p of the `mlp` control, with about the parameters of one inner attention module."""
+        with torch.device("meta"):
+            size = sum(p.numel() for p in self.base_attention_class(config, layer_idx).parameters())
+        hidden = config.hidden_size
+        width = max(1, round((size - hidden) / (2 * hidden + 1)))  # 2*h*w + w + h parameters
+        return NexusTokenMLP(hidden, width, self.output_projection)
 
     def _project(self, modules: list[nn.Module], p: str, x: torch.Tensor) -> torch.Tensor:
         """The p-projection of `modules` on x, heads (B, n, heads, d) stacked in module order."""
@@ -421,6 +429,8 @@ class NexusAttentionMixin:
         cos, sin = position_embeddings
         if self.nexus.levels == 0:  # order 1: the base layer's own attention
             heads = self._project_all([self], x)
+        elif not self.reading.attends:  # the token-wise control: X_p = X + f(g_p) * MLP_p(X)
+            heads = self._mlp_refined_heads(x)
         elif self.reading.on_heads:
             heads = self._self_refined_heads(x, cos, sin, attention_mask, cache, **kwargs)  # Eq. 7-8
         else:
@@ -515,6 +525,15 @@ class NexusAttentionMixin:
             o_proj=lambda p, heads: self._output(modules[block[p]], heads),
         )  # fmt: skip
 
+    def _mlp_refined_heads(self, x: torch.Tensor) -> _Heads:
+        """The outer heads of the `mlp` control: one token-wise level, X_p = X + f(g_p) * MLP_p(X)."""
+        inputs = refine_inputs(
+            x, self.reading, self.nexus.projections, self.nexus.order, self._gates(), self.gate_spec,
+            self.head_dim, lambda level, i: {p: self.inner[p](i[p]) for p in self.nexus.projections},
+            self.path_hook,
+        )  # fmt: skip
+        return self._heads_on([self], inputs, x, None)
+
     # ------------------------------------------------------------------------------ self (Eq. 7-8)
     def _self_refined_heads(
         self,
@@ -589,6 +608,21 @@ class NexusAttentionMixin:
                 "generate with cache_implementation='dynamic' (the default)."
             )
         return cache
+
+
+class NexusTokenMLP(nn.Module):
+    """MLP_p of the token-wise control (inner="mlp", not the paper's): hidden -> width -> hidden with
+    GELU and biases. Its last layer has the family's output-projection name, so zero_out and the
+    parameter groups treat it as an inner module's o_proj."""
+
+    def __init__(self, hidden: int, width: int, output_projection: str):
+        super().__init__()
+        self.up = nn.Linear(hidden, width)
+        self.output_projection = output_projection
+        setattr(self, output_projection, nn.Linear(width, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.output_projection)(nn.functional.gelu(self.up(x)))
 
 
 class NexusQwen2Attention(NexusAttentionMixin, Qwen2Attention):

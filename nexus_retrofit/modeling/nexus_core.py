@@ -105,13 +105,15 @@ class Reading:
 
     on_heads: refines the projections' heads P (self) rather than the layer input X.
     one_pass: one inner pass per level serves every refined projection (shared, Eq. 12).
-    inner_modules: owns inner attention modules of its own (separate).
+    inner_modules: owns inner modules of its own (separate; mlp).
+    attends: its inner modules are attentions (mlp: token-wise MLPs, no context mixing).
     """
 
     name: str
     on_heads = False
     one_pass = False
     inner_modules = False
+    attends = True
 
     def sub_attentions(self, projections: tuple[str, ...], order: int) -> list[SubAttention]:
         """The distinct inner attention calls of a layer, level by level (the cache layout)."""
@@ -196,6 +198,7 @@ class TokenMLP(Reading):
 
     name = "mlp"
     inner_modules = True
+    attends = False
 
     def sub_attentions(self, projections: tuple[str, ...], order: int) -> list[SubAttention]:
         return []  # no attention: nothing to cache

@@ -141,7 +141,10 @@ def _mirror_patches(model: nn.Module) -> int:
             continue
         for inner in attention.inner.values():
             for name, module in inner.named_modules():
-                ref = attention.get_submodule(name) if name else None
+                try:  # the `mlp` control's inner modules have no counterpart in the attention
+                    ref = attention.get_submodule(name) if name else None
+                except AttributeError:
+                    ref = None
                 if ref is not None and is_patched(ref) and not is_patched(module):
                     _copy_patch(ref, module)
                     count += 1

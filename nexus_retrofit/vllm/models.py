@@ -57,7 +57,12 @@ def _check_nexus_config(config: PretrainedConfig) -> NexusConfig:
     if not getattr(config, "is_causal", True):
         raise NotImplementedError("Nexus models are causal decoders; is_causal=False is not supported")
     _check_one_window(config)
-    return NexusConfig.from_dict(config.nexus)
+    nexus = NexusConfig.from_dict(config.nexus)
+    if nexus.inner == "mlp":
+        raise NotImplementedError(
+            "inner='mlp' is the experiments' token-wise control, not served by vLLM: use `--backend hf`"
+        )
+    return nexus
 
 
 def _check_one_window(config: PretrainedConfig) -> None:

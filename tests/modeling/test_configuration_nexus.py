@@ -44,6 +44,9 @@ def test_projection_spellings_are_canonical(spelling):
         (dict(gate="sigmoid"), "gate"),
         (dict(inner_init="xavier"), "inner_init"),
         (dict(inner="shared", inner_init="copy"), "inner_init"),
+        pytest.param(dict(inner="mlp", order=3), "inner", id="mlp-control-has-one-level"),
+        pytest.param(dict(inner="mlp", gate_shape="head"), "inner", id="mlp-has-no-heads"),
+        pytest.param(dict(inner="mlp", inner_init="copy"), "inner_init", id="mlp-cannot-copy-attention"),
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):
@@ -88,6 +91,7 @@ def test_unknown_keys_are_rejected():
         (3, "separate", "qk", 5),
         (3, "shared", "qkv", 3),
         (3, "self", "qkv", 7),
+        (2, "mlp", "qk", 1),  # the token-wise control attends only once
     ],
 )
 def test_distinct_attention_calls(order, inner, proj, calls):

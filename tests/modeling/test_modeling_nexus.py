@@ -37,6 +37,10 @@ ZERO_GATE_CASES = [
     for inner in INNERS
     for order in (1, 2, 3)
     for proj in PROJECTIONS
+] + [  # the token-wise control (one level)
+    pytest.param(family, "mlp", 2, proj, id=f"{family}-mlp-m2-{proj}")
+    for family in FAMILIES
+    for proj in ("qk", "qkv")
 ]
 
 
@@ -49,8 +53,7 @@ def test_zero_gate_preserves_logits(family, inner, order, proj, ids):
 
 
 # 2. gate="none" is the paper's form: it changes the function --------------------------------
-@pytest.mark.parametrize("inner", INNERS)
-@pytest.mark.parametrize("order", (2, 3))
+@pytest.mark.parametrize("inner,order", [(i, m) for i in INNERS for m in (2, 3)] + [("mlp", 2)])
 def test_gate_none_changes_logits(inner, order, ids):
     base = tiny_base_model("qwen2")
     ref = _logits(base, ids)
@@ -75,6 +78,12 @@ CACHE_CASES = [
         ("llama", "self", 3, "q", "none"),
         ("qwen3", "separate", 2, "qk", "zero"),
         ("mistral", "shared", 3, "qkv", "none"),
+        ("gpt_neox", "separate", 3, "qkv", "none"),
+        ("gpt_neox", "shared", 2, "qk", "none"),
+        ("gpt_neox_sequential", "self", 2, "qkv", "zero"),
+        ("gpt_neox_sequential", "separate", 2, "qk", "zero"),
+        ("qwen2", "mlp", 2, "qk", "none"),
+        ("gpt_neox", "mlp", 2, "qkv", "zero"),
     ]
 ]
 
@@ -119,7 +128,7 @@ def test_incremental_decoding_matches_full_forward(family, inner, order, proj, g
     valid = mask.bool()
     assert torch.isfinite(full).all() and torch.isfinite(incremental).all()
     assert (incremental - full)[valid].abs().max().item() <= 1e-4
-    levels = order - 1
+    levels = 0 if inner == "mlp" else order - 1  # the token-wise control caches nothing of its own
     assert len(cache.layers) == model.config.num_hidden_layers * (1 + levels)
 
 

@@ -79,3 +79,11 @@ def test_the_plugin_refuses_a_mixed_sliding_window_layout(layer_types, refused):
             models._check_nexus_config(config)
     else:
         models._check_nexus_config(config)
+
+
+def test_the_plugin_refuses_the_token_mlp_control():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(nexus={"order": 2, "inner": "mlp"}, is_causal=True, layer_types=None)
+    with pytest.raises(NotImplementedError, match="inner='mlp' is the experiments' token-wise control"):
+        models._check_nexus_config(config)
