@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import typer
 
+from .commands import attention_maps as attention_maps_commands
 from .commands import bench as bench_commands
 from .commands import convert as convert_commands
 from .commands import demo as demo_commands
 from .commands import evaluate as evaluate_commands
 from .commands import experiment as experiment_commands
 from .commands import guard
+from .commands import init as init_commands
 from .commands import push as push_commands
 from .commands import train as train_commands
 
@@ -108,7 +110,9 @@ app.command("eval")(evaluate_commands.eval_command)
 app.command("compare")(evaluate_commands.compare_command)
 app.command("grade")(evaluate_commands.grade_command)
 app.command("push")(push_commands.push)
+app.command("attention-maps")(attention_maps_commands.attention_maps)
 app.command("train", context_settings=train_commands.CONTEXT_SETTINGS)(train_commands.train)
+app.command("init")(init_commands.init)
 
 
 def _guard_all(typer_app: typer.Typer) -> None:

@@ -132,6 +132,27 @@ def _cheap_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(counts, "count_all", lambda seq_len: [])
 
 
+def _maps_checkpoint() -> Path:
+    """The shipped tiny model converted once per session, for attention-maps to read (never written)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    global _MAPS_CHECKPOINT
+    if _MAPS_CHECKPOINT is None:
+        folder = Path(tempfile.mkdtemp(prefix="nexus-maps-"))
+        atexit.register(shutil.rmtree, folder, True)
+        made = runner.invoke(
+            app, ["convert", str(tiny_model_path()), str(folder / "nexus"), "--dtype", "float32"]
+        )
+        assert made.exit_code == 0, made.output
+        _MAPS_CHECKPOINT = folder / "nexus"
+    return _MAPS_CHECKPOINT
+
+
+_MAPS_CHECKPOINT: Path | None = None
+
+
 WRITERS = [
     Writer("convert", lambda out, ws: ["convert", str(tiny_model_path()), str(out)], ["--overwrite"],
            ("config.json", "model.safetensors")),
@@ -143,6 +164,10 @@ WRITERS = [
            ("results.json", "multihop.png"), _fake_experiment, shared=True),
     Writer("bench-counts", lambda out, ws: ["bench", "counts", "--output-dir", str(out)], ["--overwrite"],
            ("counts.json", "counts.md"), _cheap_counts, shared=True),
+    Writer("attention-maps", lambda out, ws: ["attention-maps", str(_maps_checkpoint()), "--output-dir", str(out)],
+           ["--overwrite"], ("outer.png", "maps.json"), shared=True),
+    Writer("init", lambda out, ws: ["init", str(tiny_model_path()), str(out)], ["--overwrite"],
+           ("baseline", "nexus", "init.json")),
 ]  # fmt: skip
 
 

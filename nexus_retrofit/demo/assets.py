@@ -29,3 +29,8 @@ def sft_data_path() -> Path:
 def eval_data_path() -> Path:
     """JSON lines of held-out problems in the MATH-500 schema (`level` 1 = single-step, 2 = two-step)."""
     return _existing(ASSETS / "data" / "arith_eval.jsonl")
+
+
+def facts_text_path() -> Path:
+    """Plain text, one paragraph of simple facts per line, for pretraining on a CPU (demo/facts.py)."""
+    return _existing(ASSETS / "data" / "facts.txt")

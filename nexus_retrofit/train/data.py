@@ -1,7 +1,9 @@
 """Training data: a Hub dataset by name, a local file or folder (offline), or an open-r1 mixture.
 
 Rows are in one of TRL's formats: `messages` (conversational), `prompt`/`completion` (loss on the
-completion only, TRL's default for that format) or plain `text`. A dataset that cannot be found
+completion only, TRL's default for that format) or plain `text`. A local `.txt` file is plain text
+for pretraining: one `text` row per line (blank lines skipped), or per paragraph / for the whole file
+with `dataset_config: paragraph | document` (datasets' text builder). A dataset that cannot be found
 fails with the recipe key and the local path that was tried, before any model is loaded.
 """
 
@@ -34,7 +36,8 @@ class DataArguments(Protocol):
     dataset_test_split: str
 
 
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+TEXT_SAMPLING = ("line", "paragraph", "document")  # a .txt file's rows: dataset_config picks one
 # Roles chat templates know; anything else (a typo such as "asistant") would be rendered or dropped
 # by the template and trained on silently.
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -129,8 +132,10 @@ def load_source(name: str, config: str | None, key: str, streaming: bool = False
         if path.is_file():
             builder = LOCAL_FORMATS.get(path.suffix.lower())
             if builder is None:
-                raise RecipeError(f"{key}: {path} is not a .jsonl, .json, .parquet or .csv file")
+                raise RecipeError(f"{key}: {path} is not a .jsonl, .json, .parquet, .csv or .txt file")
             check_local_text(path, key)
+            if builder == "text":
+                return _load_text(path, config, streaming)
             return datasets.load_dataset(builder, data_files=str(path), streaming=streaming)
         if path.is_dir():
             if any((path / marker).exists() for marker in DISK_MARKERS):
@@ -153,6 +158,20 @@ def load_source(name: str, config: str | None, key: str, streaming: bool = False
             f"{key} {name!r} is not a local file or folder (tried {path.resolve()}) and could not be loaded "
             f"from the Hugging Face Hub: {type(e).__name__}: {e}"
         ) from None
+
+
+def _load_text(path: Path, config: str | None, streaming: bool) -> DatasetDict:
+    """A plain-text file as `text` rows: per line (default), paragraph or document; blank rows skipped
+    (a blank line would train on a lone EOS token)."""
+    import datasets
+
+    sample_by = config or "line"
+    if sample_by not in TEXT_SAMPLING:
+        raise RecipeError(
+            f"dataset_config: a .txt dataset is read by {', '.join(TEXT_SAMPLING)} (one row each), got {config!r}"
+        )
+    data = datasets.load_dataset("text", data_files=str(path), sample_by=sample_by, streaming=streaming)
+    return data.filter(lambda row: bool(row["text"].strip()))
 
 
 def _split(data: DatasetDict, split: str, key: str) -> Dataset:
@@ -286,7 +305,7 @@ def load_datasets(
 
 # --- UTF-8 check of local text files --------------------------------------------------------------
 
-TEXT_SUFFIXES = (".jsonl", ".json", ".csv")  # Arrow reads these without validating UTF-8
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")  # read without validating UTF-8 first
 
 
 def check_utf8(path: Path, key: str) -> None:
@@ -324,7 +343,7 @@ def _not_utf8(path: Path, key: str, at: int, reason: str) -> None:
 
 
 def check_local_text(path: Path, key: str) -> None:
-    """check_utf8 on a local data file, or on every .jsonl/.json/.csv file under a local folder."""
+    """check_utf8 on a local data file, or on every .jsonl/.json/.csv/.txt file under a local folder."""
     if path.is_file():
         files = [path]
     else:  # the files load_dataset(folder) reads: hidden ones (.cache, .git) are skipped

@@ -442,13 +442,20 @@ def _typed_values(explicit: list[str], parsed: tuple, env: dict | None) -> dict[
     return values
 
 
-def _check_steps(training: SFTConfig) -> None:
-    """max_steps 0 or below -1 would train 1 step (or num_train_epochs epochs) without a word."""
+def _check_steps(training: SFTConfig, script: NexusScriptArguments) -> None:
+    """max_steps 0 or below -1 would train 1 step (or num_train_epochs epochs) without a word; a
+    streamed dataset has no length, so epochs cannot be turned into steps (the Trainer would refuse
+    only once the model is loaded)."""
     steps = training.max_steps
     if steps == 0 or steps < -1:
         raise RecipeError(
             f"max_steps must be a positive number of optimizer steps, or -1 to train num_train_epochs "
             f"epochs; got {steps}"
+        )
+    if steps == -1 and script.dataset_streaming:
+        raise RecipeError(
+            "dataset_streaming: true needs max_steps (a streamed dataset has no length, so num_train_epochs "
+            "cannot be turned into steps): set max_steps"
         )
     if steps == -1 and not training.num_train_epochs > 0:
         raise RecipeError(
@@ -542,7 +549,7 @@ def parse_recipe(
             "output_dir is required: the folder the checkpoints and the final model are written to"
         )
 
-    _check_steps(training)
+    _check_steps(training, script)
     if model.use_peft:  # the LoRA settings are checked now, not after the model is loaded
         base_lora_config(model)
     if script.dataset_mixture:

@@ -147,6 +147,30 @@ def recorded_gate_lr(recipe: Recipe) -> float | None:
     return nexus.get("gate_lr_multiplier") if isinstance(nexus, dict) else None
 
 
+def check_max_length(recipe: Recipe) -> None:
+    """Refuse a max_length the model has no positions for (before any work): packed rows of that
+    length would index past a learned position table, or run RoPE beyond its trained range. A config
+    that cannot be read is left to load_model, which names the problem."""
+    from transformers import AutoConfig
+
+    length = recipe.training.max_length
+    if length is None:
+        return
+    name = recipe.model.model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(
+            name, revision=recipe.model.model_revision, trust_remote_code=recipe.training.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and length > positions:
+        raise RecipeError(
+            f"max_length {length} is larger than max_position_embeddings {positions} of {name}: set "
+            f"max_length to at most {positions}"
+        )
+
+
 def load_model(recipe: Recipe) -> tuple[PreTrainedModel, NexusConfig | None]:
     """The model to train, converted on the fly when the recipe has a `nexus:` block; and its settings."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -349,6 +373,7 @@ def _run(recipe: dict | str | os.PathLike, overrides: list[str] | dict[str, Any]
     training = parsed.training
     _setup_logging(training)
     check_peft_engine(training, parsed.model.use_peft)
+    check_max_length(parsed)
     if "include_num_input_tokens_seen" not in parsed.values:
         training.include_num_input_tokens_seen = "non_padding"  # for tokens/s in the logs and the result
     with contextlib.ExitStack() as held:

@@ -29,6 +29,7 @@ from ..modeling import NexusAttentionMixin
 from ..modeling.names import is_gate, is_nexus_parameter
 from .errors import RecipeError
 from .lora import is_peft_model, load_gates, save_gates, unfreeze_gates
+from .renamed_weights import load_renamed_weights
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -237,6 +238,8 @@ class NexusSFTTrainer(SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         target = self.model if model is None else model
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):  # those engines load their own files
+            load_renamed_weights(target, resume_from_checkpoint)  # GPT-NeoX's embed_out (renamed_weights.py)
         if is_peft_model(target):  # PEFT reloaded the adapter; the gates come from their own file
             load_gates(target, resume_from_checkpoint)
             unfreeze_gates(target)
@@ -355,4 +358,6 @@ class ClaimCheckpoints(TrainerCallback):
 
         name = f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and (self.output_dir / name).is_dir():
-            claim(self.output_dir, [name], "train")
+            # TRL writes its model card, README.md, beside every checkpoint: claimed with it, or a run
+            # killed after a checkpoint could not be resumed (a foreign README.md is refused up front)
+            claim(self.output_dir, [name, "README.md"], "train")
