@@ -5,6 +5,8 @@
 * `multihop`: two-hop pointer chasing in one layer (the reasoning claim), parameter-matched, per task format.
 * `retrofit`: pretrain standard -> convert -> fine-tune per retrofit mechanic, with its positive control.
 * `ablation`: Table 2 in miniature on the embedded tiny model (TRL SFT through `nexus-retrofit train`).
+* `scratch`: Tables 1-2 in miniature: tiny GPT-NeoX models from `init`, pretrained from scratch by
+  `train`, scored zero-shot by lm-evaluation-harness on six tasks of a made-up world.
 
 Each experiment module exposes `run(output_dir, quick=False, seeds=None, threads=1) -> ExperimentOutput`
 and is imported only when run (torch stays out of `--help`).
@@ -23,6 +25,7 @@ EXPERIMENTS: dict[str, str] = {
     "multihop": "multihop",
     "ablation": "ablation",
     "retrofit": "retrofit",
+    "scratch": "scratch",
 }
 
 
