@@ -19,7 +19,14 @@ CASES = [
     pytest.param("qwen2", NexusConfig(order=2, inner="separate"), id="qwen2-separate-m2"),
     pytest.param("llama", NexusConfig(order=3, inner="self", projections="qkv"), id="llama-self-m3-qkv"),
     pytest.param("qwen3", NexusConfig(order=2, inner="shared", gate="none"), id="qwen3-shared-none"),
+    pytest.param(
+        "gpt_neox", NexusConfig(order=2, inner="separate", projections="qkv"), id="gpt_neox-separate-qkv"
+    ),
+    pytest.param("gpt_neox_sequential", NexusConfig(order=3, inner="self"), id="gpt_neox_sequential-self-m3"),
+    pytest.param("gpt_neox", NexusConfig(order=2, inner="mlp", gate="none"), id="gpt_neox-mlp-control"),
 ]
+# the round trip without the package: one Llama-style family and GPT-NeoX
+WITHOUT_PACKAGE = [CASES[0], CASES[1], CASES[3]]
 
 
 def _saved(tmp_path, family, settings):
@@ -64,7 +71,7 @@ STANDALONE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("family,settings", CASES[:2])
+@pytest.mark.parametrize("family,settings", WITHOUT_PACKAGE)
 def test_round_trip_without_the_package(tmp_path, family, settings, ids):
     model, folder = _saved(tmp_path, family, settings)
     torch.save(ids, tmp_path / "ids.pt")
