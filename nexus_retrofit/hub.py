@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import TOKENIZER_FILES as CHECKPOINT_TOKENIZER_FILES
+from .evaluation.compare import TASK_TITLES
 from .safe_output import OutputError, atomic_write_text, claim, is_marked, os_reason, output_lock
 
 if TYPE_CHECKING:
@@ -87,6 +88,12 @@ DATASETS = {  # task -> (Hub dataset, config, split, title), for model-index
     "aime24": ("HuggingFaceH4/aime_2024", None, "train", "AIME 2024"),
     "gpqa_diamond": ("Idavidrein/gpqa", "gpqa_diamond", "train", "GPQA-Diamond"),
 }
+
+
+# Scores a results.json must hold as finite fractions in [0, 1] (generative, then lm-eval zero-shot tasks).
+SCORE_KEYS = (
+    "pass@1", "stderr", "extraction_failure_rate", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+)  # fmt: skip
 
 
 class PushError(ValueError):
@@ -349,9 +356,9 @@ def check_results(results: dict, results_path: str | Path, model_dir: Path) -> N
     (eval stores pass@1 as a fraction), and results scored on another model than `model_dir` (the
     `model.fingerprint` eval recorded must equal this folder's `local_fingerprint`)."""
     for task, entry in (results.get("tasks") or {}).items():
-        if not isinstance(entry, dict) or "pass@1" not in entry:
+        if not isinstance(entry, dict) or ("pass@1" not in entry and "acc" not in entry):
             continue
-        for key in ("pass@1", "stderr", "extraction_failure_rate"):
+        for key in SCORE_KEYS:
             if key not in entry:
                 continue
             value = entry[key]
@@ -401,10 +408,26 @@ def _eval_results(results: dict | None, model_name: str) -> list:
         return []
     out = []
     for task, entry in results.get("tasks", {}).items():
-        if "pass@1" not in entry:
-            continue
         dataset = entry.get("dataset") or {}
         hub_id, config, split, title = DATASETS.get(task, (dataset.get("dataset") or task, None, None, task))
+        for key in ("acc", "acc_norm"):  # lm-eval zero-shot tasks (eval --suite zero-shot)
+            if key in entry:
+                out.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        task_name="Text Generation",
+                        dataset_type=hub_id,
+                        dataset_name=TASK_TITLES.get(task, title),
+                        dataset_config=dataset.get("config", config),
+                        dataset_split=dataset.get("split", split),
+                        dataset_revision=dataset.get("revision") if dataset.get("kind") == "hub" else None,
+                        metric_type=key,
+                        metric_name=f"{key} ({entry.get('num_fewshot', 0)}-shot, lm-eval)",
+                        metric_value=round(100 * entry[key], 2),
+                    )
+                )
+        if "pass@1" not in entry:
+            continue
         out.append(
             EvalResult(
                 task_type="text-generation",
@@ -566,6 +589,13 @@ def build_model_card(
 def _eval_section(results: dict | None) -> list[str]:
     if not results:
         return ["Not evaluated yet: `nexus-retrofit eval MODEL`, then push with `--results results.json`."]
+    zero_shot = _zero_shot_section(results)
+    if not any("pass@1" in t for t in results.get("tasks", {}).values()):
+        return zero_shot + (
+            ["", "**Note:** the evaluation run was not complete."]
+            if not results.get("complete", True)
+            else []
+        )
     rows = [
         "| Benchmark | pass@1 (%) | ± s.e. | problems | samples/problem | extraction failures |",
         "|---|---:|---:|---:|---:|---:|",
@@ -590,6 +620,34 @@ def _eval_section(results: dict | None) -> list[str]:
     ]
     if not results.get("complete", True):
         rows.append("\n**Note:** the evaluation run was not complete.")
+    return (zero_shot + [""] if zero_shot else []) + rows
+
+
+def _zero_shot_section(results: dict) -> list[str]:
+    """The lm-eval zero-shot tasks of a results.json (eval --suite zero-shot) as a table, or []."""
+    tasks = {name: t for name, t in results.get("tasks", {}).items() if "acc" in t}
+    if not tasks:
+        return []
+
+    def pct(value: object) -> str:
+        return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "–"
+
+    rows = [
+        "| Benchmark (zero-shot) | acc (%) | ± s.e. | acc_norm (%) | ± s.e. | documents |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, t in tasks.items():
+        cells = [pct(t.get(k)) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")]
+        rows.append(f"| {TASK_TITLES.get(name, name)} | {' | '.join(cells)} | {t.get('n_problems')} |")
+    s, v = results.get("settings", {}), results.get("versions", {})
+    versions = ", ".join(f"{name} v{t.get('task_version')}" for name, t in tasks.items())
+    rows += [
+        "",
+        f"Scored zero-shot by log-likelihood with lm-evaluation-harness {v.get('lm-eval')} (`nexus-retrofit eval "
+        f"--suite zero-shot`, {s.get('backend')} backend, dtype {s.get('dtype')}, seed {s.get('seed')}"
+        + (f", first {s.get('limit')} documents only" if s.get("limit") else "")
+        + f"); task versions: {versions}; transformers {v.get('transformers')}.",
+    ]
     return rows
 
 

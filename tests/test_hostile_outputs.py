@@ -168,6 +168,8 @@ WRITERS = [
            ["--overwrite"], ("outer.png", "maps.json"), shared=True),
     Writer("init", lambda out, ws: ["init", str(tiny_model_path()), str(out)], ["--overwrite"],
            ("baseline", "nexus", "init.json")),
+    Writer("eval-zero-shot", lambda out, ws: ["eval", str(tiny_model_path()), "--tasks", "nexus_tiny_arith",
+           "--limit", "4", "--output-dir", str(out)], ["--overwrite"], ("results.json", "samples_nexus_tiny_arith.jsonl")),
 ]  # fmt: skip
 
 

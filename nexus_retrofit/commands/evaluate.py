@@ -23,9 +23,22 @@ def _load_task_files(task_files: list[Path] | None) -> None:
 
 def eval_command(
     model: str = typer.Argument(..., help="Model: a local checkpoint folder or a Hub id."),
-    tasks: str = typer.Option("math_500,aime24,gpqa_diamond", "--tasks", help="Comma-separated task names."),
+    tasks: str = typer.Option(
+        None,
+        "--tasks",
+        help="Comma-separated task names (default: the suite's); lm-eval's names run zero-shot.",
+    ),
+    suite: str = typer.Option(
+        None,
+        "--suite",
+        help="generative (math_500, aime24, gpqa_diamond; the default) or zero-shot (lm-eval: arc_challenge, "
+        "arc_easy, hellaswag, logiqa, piqa, sciq).",
+    ),
+    task_dirs: list[Path] = typer.Option(
+        None, "--task-dir", help="Folder of lm-eval task YAMLs for zero-shot tasks (repeatable)."
+    ),
     backend: str = typer.Option(
-        None, "--backend", help="vllm (default when installed) or hf (transformers, CPU ok)."
+        None, "--backend", help="vllm (default when installed; zero-shot: hf) or hf (transformers, CPU ok)."
     ),
     num_samples: int = typer.Option(
         None, "--num-samples", help="Samples per problem (default per task: 4, 64, 8)."
@@ -69,15 +82,48 @@ def eval_command(
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
-    """Score MODEL on MATH-500, AIME24, GPQA-Diamond (or your tasks); resumable, reproducible."""
+    """Score MODEL on MATH-500, AIME24, GPQA-Diamond, or zero-shot through lm-eval; resumable, reproducible."""
     from ..evaluation.backends import BackendError
     from ..evaluation.runner import EvalSettings, evaluate
+    from ..evaluation.tasks import list_tasks
+    from ..evaluation.zero_shot import ZERO_SHOT, ZeroShotSettings, evaluate_zero_shot, route
 
     try:
         _load_task_files(task_files)
+        given = {
+            "--num-samples": num_samples is not None, "--temperature": temperature != 0.6,
+            "--top-p": top_p != 0.95, "--max-new-tokens": max_new_tokens != 32768,
+            "--system-prompt": system_prompt is not None, "--data-dir": data_dir is not None,
+            "--no-chat-template": no_chat_template, "--task-file": bool(task_files),
+        }  # fmt: skip
+        wrong = [k for k, v in given.items() if v]  # options of generative runs only
+        kind, names = route(
+            suite, _names(tasks), [str(d) for d in task_dirs or []], list_tasks(), bool(wrong)
+        )
+        out = output_dir or Path("eval") / (Path(model.rstrip("/")).name or "model")
+        if kind == ZERO_SHOT:
+            if wrong:
+                raise ValueError(
+                    f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for generative tasks only; "
+                    "zero-shot tasks are scored by lm-eval's log-likelihoods (their YAMLs say the prompts): "
+                    f"drop {'it' if len(wrong) == 1 else 'them'}"
+                )
+            results = evaluate_zero_shot(
+                ZeroShotSettings(
+                    model=model, tasks=names, backend=backend or "hf", limit=limit, batch_size=batch_size,
+                    seed=seed, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                    task_dirs=tuple(str(d) for d in task_dirs or []),
+                    tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+                    max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                ),
+                out,
+                overwrite=overwrite,
+            )  # fmt: skip
+            _print_zero_shot_summary(results, out)
+            return
         settings = EvalSettings(
             model=model,
-            tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+            tasks=names,
             backend=backend,
             num_samples=num_samples,
             temperature=temperature,
@@ -101,7 +147,6 @@ def eval_command(
             raise ValueError(f"--backend must be vllm or hf, got {backend!r}")
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-        out = output_dir or Path("eval") / (Path(model.rstrip("/")).name or "model")
         results = evaluate(settings, out, overwrite=overwrite, show_progress=not no_progress)
     except KeyboardInterrupt:
         console.print(
@@ -111,6 +156,10 @@ def eval_command(
     except (ValueError, FileNotFoundError, BackendError) as e:
         raise fail(str(e)) from None
     _print_summary(results, out)
+
+
+def _names(tasks: str | None) -> tuple[str, ...] | None:
+    return tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks is not None else None
 
 
 def _print_summary(results: dict, out: Path) -> None:
@@ -127,6 +176,22 @@ def _print_summary(results: dict, out: Path) -> None:
                 str(t.get("n_samples", "?")),
                 f"{t.get('extraction_failures', '?')} ({100 * t.get('extraction_failure_rate', float('nan')):.1f}%)",
             )
+    Console().print(table)
+    console.print(f"wrote {out / 'results.json'}")
+
+
+def _print_zero_shot_summary(results: dict, out: Path) -> None:
+    table = Table(title=f"{results['model']['path']} (zero-shot, lm-eval)", title_justify="left")
+    for column in ("task", "acc (%)", "± se", "acc_norm (%)", "± se ", "documents"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+
+    def pct(value: object) -> str:
+        return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "–"
+
+    for name, t in results["tasks"].items():
+        if "acc" in t:
+            row = [t.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")]
+            table.add_row(name, *map(pct, row), str(t.get("n_problems", "?")))
     Console().print(table)
     console.print(f"wrote {out / 'results.json'}")
 

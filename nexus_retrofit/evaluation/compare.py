@@ -1,7 +1,8 @@
 """Compare results.json files: a markdown table with deltas (the paper's Table 3 layout) and a bar chart.
 
-Rows are models, columns are benchmarks, cells are pass@1 in percent ± its standard error; every row
-after the first also shows its difference from the first (the baseline).
+Rows are models, columns are benchmarks, cells are pass@1 (generative tasks) or lm-eval's acc
+(zero-shot tasks) in percent ± its standard error; every row after the first also shows its
+difference from the first (the baseline).
 """
 
 from __future__ import annotations
@@ -11,7 +12,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-TASK_TITLES = {"math_500": "MATH-500", "aime24": "AIME24", "gpqa_diamond": "GPQA-Diamond"}
+TASK_TITLES = {
+    "math_500": "MATH-500", "aime24": "AIME24", "gpqa_diamond": "GPQA-Diamond",
+    "arc_challenge": "ARC-C", "arc_easy": "ARC-E", "hellaswag": "HellaSwag", "logiqa": "LogiQA",
+    "piqa": "PIQA", "sciq": "SciQ",
+}  # fmt: skip
+# A task's headline score and its standard error: pass@1 (generative) or acc (lm-eval zero-shot).
+HEADLINES = (("pass@1", "stderr"), ("acc", "acc_stderr"))
+
+
+def headline(task: dict[str, Any]) -> tuple[str, float, float] | None:
+    """(metric, value, standard error) a task is reported by, or None for an unscored entry."""
+    for key, stderr in HEADLINES:
+        if key in task:
+            return key, task[key], task.get(stderr) or 0.0
+    return None
 
 
 # Settings that change the numbers but not the model: runs that differ in them are not comparable.
@@ -39,8 +54,9 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise ValueError(f"{path} is not a results.json written by `nexus-retrofit eval`")
     for name, task in data["tasks"].items():
-        if "pass@1" in task and not all(isinstance(task.get(k), (int, float)) for k in ("pass@1", "stderr")):
-            raise ValueError(f"{path}: task {name} has a non-numeric pass@1 or stderr")
+        for key, stderr in HEADLINES:
+            if key in task and not all(isinstance(task.get(k), (int, float)) for k in (key, stderr)):
+                raise ValueError(f"{path}: task {name} has a non-numeric {key} or {stderr}")
     if not data.get("complete", True):
         data.setdefault("_notes", []).append("incomplete run")
     return data
@@ -77,7 +93,7 @@ def default_label(results: dict[str, Any], path: str | Path) -> str:
 
 
 def _scored(results: dict[str, Any]) -> dict[str, dict]:
-    return {name: t for name, t in results["tasks"].items() if "pass@1" in t}
+    return {name: t for name, t in results["tasks"].items() if isinstance(t, dict) and headline(t)}
 
 
 def compare_table(
@@ -104,10 +120,11 @@ def compare_table(
             if t not in scored:
                 cells.append("–")
                 continue
-            value, se = 100 * scored[t]["pass@1"], 100 * scored[t]["stderr"]
+            _, value, se = headline(scored[t])
+            value, se = 100 * value, 100 * se
             cell = f"{value:.1f} ± {se:.1f}"
             if k > 0 and t in base:
-                cell += f" ({value - 100 * base[t]['pass@1']:+.1f})"
+                cell += f" ({value - 100 * headline(base[t])[1]:+.1f})"
             cells.append(cell)
         if show_avg:
             avg = _average(scored, tasks)
@@ -117,7 +134,10 @@ def compare_table(
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{label}: {', '.join(run['_notes'])}" for run, label in zip(runs, labels) if run.get("_notes")]
-    footer = f"\n\npass@1 (%) ± standard error over problems; (±x) = difference from {labels[0]}."
+    metrics = sorted({headline(t)[0] for run in runs for t in _scored(run).values()}, reverse=True)
+    footer = (
+        f"\n\n{' / '.join(metrics)} (%) ± standard error over problems; (±x) = difference from {labels[0]}."
+    )
     if notes:
         footer += " Note: " + "; ".join(notes) + "."
     warning = (
@@ -132,7 +152,7 @@ def compare_table(
 def _average(scored: dict[str, dict], tasks: Sequence[str]) -> float | None:
     if not all(t in scored for t in tasks):
         return None
-    return 100 * sum(scored[t]["pass@1"] for t in tasks) / len(tasks)
+    return 100 * sum(headline(scored[t])[1] for t in tasks) / len(tasks)
 
 
 def plot_comparison(runs: Sequence[dict[str, Any]], labels: Sequence[str], path: str | Path) -> Path:
@@ -150,11 +170,14 @@ def plot_comparison(runs: Sequence[dict[str, Any]], labels: Sequence[str], path:
     for k, (run, label) in enumerate(zip(runs, labels)):
         scored = _scored(run)
         xs = [i + (k - (len(runs) - 1) / 2) * width for i in range(len(tasks))]
-        values = [100 * scored[t]["pass@1"] if t in scored else 0.0 for t in tasks]
-        errors = [100 * scored[t]["stderr"] if t in scored else 0.0 for t in tasks]
+        values = [100 * headline(scored[t])[1] if t in scored else 0.0 for t in tasks]
+        errors = [100 * headline(scored[t])[2] if t in scored else 0.0 for t in tasks]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=label)
     ax.set_xticks(range(len(tasks)), [TASK_TITLES.get(t, t) for t in tasks])
-    ax.set_ylabel("pass@1 (%)")
+    ax.set_ylabel(
+        " / ".join(sorted({headline(t)[0] for run in runs for t in _scored(run).values()}, reverse=True))
+        + " (%)"
+    )
     ax.legend(fontsize="small")
     fig.tight_layout()
     from ..safe_output import check_output_path, save_figure
