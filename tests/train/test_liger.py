@@ -113,6 +113,7 @@ def test_nexus_types_are_registered_under_their_family(fake_liger):
         "nexus_llama": "llama",
         "nexus_mistral": "mistral",
         "nexus_qwen3": "qwen3",
+        "nexus_gpt_neox": "gpt_neox",  # Liger ships no GPT-NeoX patch: neither arm gets one
     }
     # Liger filters the keyword arguments by the entry's signature: the wrapper must expose the family's
     assert inspect.signature(table["nexus_qwen2"]) == inspect.signature(table["qwen2"])
@@ -179,7 +180,8 @@ def real_liger(monkeypatch):
     assert table is not None
     for nexus_type in liger.NEXUS_TO_FAMILY:
         monkeypatch.delitem(table, nexus_type, raising=False)
-    assert sorted(liger.register_liger()) == sorted(liger.NEXUS_TO_FAMILY)
+    shipped = sorted(t for t, family in liger.NEXUS_TO_FAMILY.items() if family in table)
+    assert "nexus_qwen2" in shipped and sorted(liger.register_liger()) == shipped
     return table
 
 
