@@ -30,6 +30,7 @@ launches at order 2 (`nexus-retrofit bench counts`).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,23 +81,16 @@ from .nexus_core import Dims, GateSpec, gate_factor, inner_outputs, reading, ref
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def family_rotary(attention_class: type[nn.Module]) -> Callable:
+    """The `apply_rotary_pos_emb` of the modeling file that defines `attention_class`: the very object
+    the family's stock attention calls, looked up on every call.
 
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on (B, heads, n, d) with cos/sin of shape (B, n, r); same arithmetic as transformers'.
-
-    Partial rotary (GPT-NeoX's `rotary_pct`, Pythia's 0.25): cos/sin cover the first r < d channels of
-    each head, which rotate; the other d - r pass through, as in the family's apply_rotary_pos_emb.
+    Looked up, not imported once, so whatever replaces it reaches both arms alike: transformers 5.25's
+    Hub kernels (with `kernels` installed the function is a module whose forward `kernelize` swaps on
+    CUDA), Liger's patch of the module-level name. It also carries the family's own layout: GPT-NeoX's
+    rotates only the channels cos/sin cover (partial `rotary_pct`); the others rotate the whole head.
     """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rotary = cos.shape[-1]
-    if rotary == x.shape[-1]:
-        return (x * cos) + (_rotate_half(x) * sin)
-    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
-    return torch.cat([(x_rot * cos) + (_rotate_half(x_rot) * sin), x_pass], dim=-1)
+    return vars(sys.modules[attention_class.__module__])["apply_rotary_pos_emb"]
 
 
 def _fusable(linear: nn.Module) -> bool:
@@ -400,17 +394,16 @@ class NexusAttentionMixin:
         )
         return out, weights
 
-    @staticmethod
     def _rope_qk(
-        qk: torch.Tensor, q_heads: int, cos: torch.Tensor, sin: torch.Tensor
+        self, qk: torch.Tensor, q_heads: int, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on query and key heads stacked (B, n, Hq + Hk, d) in one pass; q, k as (B, heads, n, d).
+        """R(q), R(k) from query and key heads stacked (B, n, Hq + Hk, d); q, k as (B, heads, n, d).
 
-        One RoPE instead of one per tensor: fewer kernels per layer. Per element, the base model's
-        arithmetic.
+        Through the family's own rotary function, called as its stock attention calls it (one call
+        for q and k), so both arms run the same rotary kernel, kernelized or not (`family_rotary`).
         """
-        z = _rope(qk.transpose(1, 2), cos, sin)
-        return z[:, :q_heads], z[:, q_heads:]
+        z = qk.transpose(1, 2)
+        return family_rotary(self.base_attention_class)(z[:, :q_heads], z[:, q_heads:], cos, sin)
 
     # ------------------------------------------------------------------------------------ forward
     def forward(
@@ -552,8 +545,12 @@ class NexusAttentionMixin:
         ps = self.nexus.projections
 
         def attend_self(level: int, heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            z = torch.cat([_as_heads(heads[p], self.head_dim) for p in ps], dim=2).transpose(1, 2)
-            rz = _rope(z, cos, sin)  # (B, H + Hkv [+ Hkv], n, d)
+            stacked = torch.cat(
+                [_as_heads(heads[p], self.head_dim) for p in ps], dim=2
+            )  # (B, n, H + Hkv [+ Hkv], d)
+            z = stacked.transpose(1, 2)
+            # R on every stacked head: the family's rotary takes them as two blocks, like its q and k
+            rz = torch.cat(self._rope_qk(stacked, z.shape[1] // 2, cos, sin), dim=1)
             out, _ = self._attend(rz, rz, z, attention_mask, cache, self._cache_slot(level), 1, **kwargs)
             refined = out.split([self.dims.of(p) for p in ps], dim=2)  # (B, n, heads_p, d) each
             return {p: o.flatten(-2) for p, o in zip(ps, refined)}
@@ -643,7 +640,8 @@ class NexusQwen3Attention(NexusAttentionMixin, Qwen3Attention):
 
 class NexusGPTNeoXAttention(NexusAttentionMixin, GPTNeoXAttention):
     """GPT-NeoX (Pythia): one fused `query_key_value` with each head's q, k, v rows together, `dense` as
-    the output projection, partial rotary (`_rope`), biases, no GQA; the cache arrives as `layer_past`."""
+    the output projection, partial rotary (its `apply_rotary_pos_emb`), biases, no GQA; the cache
+    arrives as `layer_past`."""
 
     base_attention_class = GPTNeoXAttention
     output_projection = "dense"

@@ -20,13 +20,12 @@ subclass of the family's, so its isinstance checks hold):
   forward when fused linear cross-entropy is on (TRL turns that one off for both arms): as the base.
 - Qwen3's q_norm/k_norm of the `separate` inner attention modules, which the family function does not
   reach: given the same patch as the layer's own (`_mirror_patches`).
-- Not RoPE. Liger swaps the module-level `apply_rotary_pos_emb` of the family's modeling file, which the
-  base attention calls and the Nexus attention does not (it applies RoPE once over stacked q+k heads with
-  its own `_rope`, in the modeling file that is copied into every checkpoint and imports only torch and
-  transformers). Liger's RoPE kernel rotates a contiguous copy of q and k in place; the `self` inner
-  attention uses the same pre-RoPE tensor as its values, so adopting it would need an extra copy that
-  eats the saving. For identical kernels on both arms set `liger_kernel_config: {rope: false}`; a
-  warning says so when a Nexus model gets Liger with RoPE on.
+- RoPE as well: Liger swaps the module-level `apply_rotary_pos_emb` of the family's modeling file, and
+  the Nexus attention calls that very name at call time (`modeling_nexus.family_rotary`), so its outer
+  and inner attentions get Liger's rotary kernel as the base attention does. Liger rotates a contiguous
+  copy of q and k in place; the Nexus attention hands it slices of stacked heads, never contiguous, so
+  the tensors it reads again (the `self` reading's values, projections of X reused at later levels)
+  are not touched.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import inspect
 import logging
 from collections.abc import Callable
 from types import MethodType
@@ -97,20 +95,9 @@ def _nexus_apply_fn(table: dict[str, Callable], family: str, family_fn: Callable
         mirrored = _mirror_patches(model)
         if mirrored:
             logger.info("Liger: gave %d Nexus inner module(s) their layer's patch", mirrored)
-        if kwargs.get("rope", _default(family_fn, "rope")):
-            logger.warning(
-                "Liger RoPE is patched into the base %s attention only; Nexus attention keeps its own RoPE. "
-                "For identical kernels on both arms set liger_kernel_config: {rope: false}.",
-                family,
-            )
 
     apply._nexus_family = family
     return apply
-
-
-def _default(fn: Callable, name: str) -> Any:
-    parameter = inspect.signature(fn).parameters.get(name)
-    return None if parameter is None else parameter.default
 
 
 def is_patched(module: nn.Module) -> bool:
