@@ -547,6 +547,8 @@ def build_model_card(
         "you read with `revision`:",
         "",
         "```python",
+        "from transformers import AutoModelForCausalLM",
+        "",
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, revision="<commit sha>")',
         "```",
         "",
