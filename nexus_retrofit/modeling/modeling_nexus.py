@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 # configuration_nexus first: it refuses a transformers older than the tested range in one line,
@@ -320,6 +320,31 @@ class NexusAttentionMixin:
     def _gate_width(self, p: str) -> int:
         return self.reading.gate_width(p, self.gate_spec, self.dims)
 
+    def _own_heads_shard(self) -> tuple[int, int]:
+        """(this rank, ranks) of the tensor parallelism (tp_plan) that split the layer's own q/k/v
+        heads; (0, 1) when they are whole. A colwise shard leaves each rank one contiguous block of
+        heads, the block torch.chunk gives (GPT-NeoX's query_key_value too: each head's rows are
+        together)."""
+        weight = (self.q_proj if hasattr(self, "q_proj") else self.query_key_value).weight
+        if not _is_dtensor(weight):
+            return 0, 1
+        weight = weight if hasattr(weight, "placements") else weight.data
+        if not weight.placements[0].is_shard(0):  # e.g. a plan that replicates it
+            return 0, 1
+        return weight.device_mesh.get_local_rank(), weight.device_mesh.size()
+
+    def _gates_on_own_heads(self, heads_of: Callable[[str], str]) -> Mapping[str, torch.Tensor] | None:
+        """The gates that scale the layer's own heads (`self`; per-head gates of `shared`), cut to this
+        rank's block of heads when tensor parallelism split them. The gates are in no tp plan: every
+        rank holds them whole. `heads_of(p)`: the projection whose heads g_p covers."""
+        gates = self._gates()
+        rank, ranks = self._own_heads_shard()
+        if gates is None or ranks == 1 or self.gate_spec.shape == "scalar":
+            return gates
+        return {
+            p: g.view(self.dims.of(heads_of(p)), -1).chunk(ranks)[rank].flatten() for p, g in gates.items()
+        }
+
     def gate_values(self, p: str) -> torch.Tensor:
         """f(g_p): the gate as it multiplies the inner output (gate_fn applied), flat."""
         return gate_factor(self.gates[p], self.gate_spec)
@@ -512,8 +537,11 @@ class NexusAttentionMixin:
         )
         out = out.view(*out.shape[:2], len(modules), -1)  # (B, n, modules, H*d): a view per module
         block = {p: i % len(modules) for i, p in enumerate(self.nexus.projections)}  # shared: one block
+        # per-head gates scale these heads: the layer's own (shared) may be this rank's block of them
+        own = modules[0] is self and self.gate_spec.per_head
+        gates = self._gates_on_own_heads(lambda p: "q") if own else self._gates()
         return inner_outputs(
-            self.reading, self.nexus.projections, self._gates(), self.gate_spec, self.head_dim,
+            self.reading, self.nexus.projections, gates, self.gate_spec, self.head_dim,
             heads_of=lambda p: out[..., block[p], :],
             o_proj=lambda p, heads: self._output(modules[block[p]], heads),
         )  # fmt: skip
@@ -552,11 +580,13 @@ class NexusAttentionMixin:
             # R on every stacked head: the family's rotary takes them as two blocks, like its q and k
             rz = torch.cat(self._rope_qk(stacked, z.shape[1] // 2, cos, sin), dim=1)
             out, _ = self._attend(rz, rz, z, attention_mask, cache, self._cache_slot(level), 1, **kwargs)
-            refined = out.split([self.dims.of(p) for p in ps], dim=2)  # (B, n, heads_p, d) each
+            # (B, n, heads_p, d) each; the heads this rank holds (tensor parallelism: a block of them)
+            refined = out.split([heads[p].shape[-1] // self.head_dim for p in ps], dim=2)
             return {p: o.flatten(-2) for p, o in zip(ps, refined)}
 
+        gates = self._gates_on_own_heads(lambda p: p)
         heads = refine_heads(
-            base, self.reading, ps, self.nexus.order, self._gates(), self.gate_spec, self.head_dim,
+            base, self.reading, ps, self.nexus.order, gates, self.gate_spec, self.head_dim,
             attend_self, self.path_hook,
         )  # fmt: skip
         return _Heads(*(_as_heads(heads[p], self.head_dim) for p in "qkv"))
