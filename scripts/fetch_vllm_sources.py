@@ -5,7 +5,7 @@
 A GPU vLLM wheel cannot be installed here (it needs CUDA torch), but its Python files are enough for
 tests/vllm/test_vllm_layers.py, which reads vLLM's constructors and the modules the plugin imports with
 `ast`. For each release this downloads the wheel (`pip download --no-deps`), extracts only those files
-into `$NEXUS_VENVS/vllm-sources/<version>/` (default .venvs/, git-ignored) and deletes the wheel. A
+into `$NEXUS_VENVS/vllm-sources/<version>/` (default ~/.cache/nexus-retrofit/venvs, as scripts/test.sh) and deletes the wheel. A
 release whose files are already there (same file list, in `.files`) is not downloaded again. A wheel
 that cannot be had fails in one line naming it.
 """
@@ -82,7 +82,9 @@ def fetch(version: str, files: list[str], dest: Path) -> bool:
 
 
 def main() -> None:
-    root = ROOT / os.environ.get("NEXUS_VENVS", ".venvs") / "vllm-sources"
+    # scripts/test.sh's environment cache (NEXUS_VENVS), where its other fetched sources live too
+    venvs = os.environ.get("NEXUS_VENVS") or Path.home() / ".cache" / "nexus-retrofit" / "venvs"
+    root = Path(venvs) / "vllm-sources"
     root.mkdir(parents=True, exist_ok=True)
     files = wanted_files()
     for version in tested_releases():

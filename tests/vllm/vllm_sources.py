@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-VENVS = ROOT / os.environ.get("NEXUS_VENVS", ".venvs")
+VENVS = Path(
+    os.environ.get("NEXUS_VENVS") or Path.home() / ".cache" / "nexus-retrofit" / "venvs"
+)  # scripts/test.sh's
 PLUGIN = ROOT / "nexus_retrofit" / "vllm"
 
 
