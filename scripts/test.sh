@@ -43,12 +43,12 @@ OMP_NUM_THREADS=1 NEXUS_COMPAT_PYTHONS="$VENVS/oldest/bin/python:$NEWEST:$VENVS/
 "$LATEST" -m pytest -x -q -p no:cacheprovider -m "not vllm" tests/vllm/test_vllm_layers.py
 
 versions oldest
-"$VENVS/oldest/bin/python" -m pytest -x -q -p no:cacheprovider \
+OMP_NUM_THREADS=1 "$VENVS/oldest/bin/python" -m pytest -x -q -n 2 -p no:cacheprovider \
     tests/modeling tests/test_checkpoint.py tests/compat/test_cache_contract.py tests/bench/test_counts.py \
     tests/test_model_card_lines.py
 
 versions newest
-USE_HUB_KERNELS=0 "$NEWEST" -m pytest -x -q -p no:cacheprovider tests/compat/test_kernels_policy.py \
+OMP_NUM_THREADS=1 USE_HUB_KERNELS=0 "$NEWEST" -m pytest -x -q -n 2 -p no:cacheprovider tests/compat/test_kernels_policy.py \
     tests/modeling tests/test_checkpoint.py tests/compat/test_cache_contract.py tests/bench/test_counts.py \
     tests/test_model_card_lines.py
 
