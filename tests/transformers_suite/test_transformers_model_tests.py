@@ -3,7 +3,7 @@
 Where each file comes from (docs/transformers-model-tests.md has the full table):
 - transformers' tests/test_modeling_common.py (ModelTesterMixin), test_configuration_common.py (ConfigTester)
   and test_training_mixin.py: the sdist of the transformers release installed in the running env, fetched
-  from the package registry at set-up by scripts/fetch_transformers_tests.py (cached under .venvs/, never
+  from the package registry at set-up by scripts/fetch_transformers_tests.py (cached in $NEXUS_VENVS, never
   committed). Found through $NEXUS_TRANSFORMERS_TESTS (the folder the script prints); when unset, this
   module runs the script itself.
 - tests/generation/test_utils.py, tests/exporters/test_export.py, tests/utils/test_configuration_utils.py:

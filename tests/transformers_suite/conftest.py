@@ -20,6 +20,7 @@ HF_MARKS = (
     "flash_attn_3_test",
     "flash_attn_4_test",
     "is_training_test",
+    "accelerate_tests",
 )
 
 

@@ -1,19 +1,20 @@
 """Fetch transformers' own common model tests for the release installed in a Python env.
 
-    python scripts/fetch_transformers_tests.py [--python .venvs/latest/bin/python]
+    python scripts/fetch_transformers_tests.py [--python ENV/bin/python]
 
-Downloads (once; cached under .venvs/transformers-tests/) the sdist of the transformers release that
-`--python` has installed, extracts the tests/*.py files that tests/transformers_suite needs into
-.venvs/transformers-tests/<version>/hf_tests/, copies our stand-ins for the files the sdist lacks
-(tests/transformers_suite/standins/) next to them, installs `parameterized` (which those tests import and
-our envs lack) into .venvs/transformers-tests/<version>/site/, and prints the folder that holds `hf_tests`
-and `site`. Idempotent. Nothing is committed: the sdist files come from the package registry at set-up.
+Downloads (once) the sdist of the transformers release that `--python` has installed into
+`$NEXUS_VENVS/transformers-tests/` (default ~/.cache/nexus-retrofit/venvs, scripts/test.sh's cache),
+extracts the tests/*.py files that tests/transformers_suite needs into `<that>/<version>/hf_tests/`,
+copies our stand-ins for the files the sdist lacks (tests/transformers_suite/standins/) next to them,
+installs `parameterized` (which those tests import and our envs lack) into `<that>/<version>/site/`,
+and prints the folder that holds `hf_tests` and `site`. Idempotent. Nothing is committed: the sdist files come from the package registry at set-up.
 Fails in one line (exit 1) when the sdist cannot be had.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,9 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".venvs" / "transformers-tests"
+# scripts/test.sh's environment cache (NEXUS_VENVS), where the vLLM sources are fetched too
+VENVS = os.environ.get("NEXUS_VENVS") or Path.home() / ".cache" / "nexus-retrofit" / "venvs"
+CACHE = Path(VENVS) / "transformers-tests"
 STANDINS = ROOT / "tests" / "transformers_suite" / "standins"
 # tests/<file> of the sdist that tests/transformers_suite imports. Not the tensor-parallel and FSDP
 # mixins: they need tests/distributed_testing_utils.py, which the sdist lacks, and spawn ranks (see
