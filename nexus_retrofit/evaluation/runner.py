@@ -33,17 +33,18 @@ from ..safe_output import (
     output_lock,
     remove_owned,
 )
+from . import resume
 from .backends import Backend, Sampling, default_backend, make_backend, render_prompt
 from .data import load_task_rows
 from .grading import get_grader
 from .provenance import model_info, package_versions
-from .samples import ResumeError, append_samples, read_samples, samples_path
+from .resume import RESULTS_FORMAT
+from .samples import append_samples, read_samples, samples_path
 from .tasks import Problem, Task, get_task, stable_int
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-RESULTS_FORMAT = "nexus-retrofit-eval/1"
 DEFAULT_TASKS = ("math_500", "aime24", "gpqa_diamond")
 DEFAULT_HF_BATCH = 8
 # Settings that do not change what is generated or how it is graded: a resume may differ in them.
@@ -174,82 +175,23 @@ def _plan(settings: EvalSettings) -> list[_TaskPlan]:
     return plans
 
 
-def _differences(old: dict, new: dict, ignore: frozenset = frozenset()) -> list[str]:
-    keys = sorted((set(old) | set(new)) - ignore)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    """A results.json as a mapping; a malformed file is a one-line error naming it and the line."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ResumeError(
-            f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix or delete it (or --overwrite)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ResumeError(f"{path} cannot be read ({e}); fix or delete it (or --overwrite)") from None
-    if not isinstance(data, dict) or not isinstance(data.get("tasks", {}), dict):
-        raise ResumeError(
-            f"{path} line 1 is not a nexus-retrofit results object; fix or delete it (or --overwrite)"
-        )
-    return data
-
-
-def _model_changed(previous: dict, model: dict) -> str | None:
-    """Why the model behind `previous` cannot be taken for `model` (stale scores), or None."""
-    old = (previous.get("model") or {}).get("fingerprint")
-    new = model["fingerprint"]
-    if old is None:
-        return "it was written without a model fingerprint, so it may be of another model"
-    if old != new:
-
-        def short(f: dict) -> str:
-            return str(f.get("sha256") or f.get("commit") or f)[:16]
-
-        return f"the model at {model['path']} changed since (fingerprint {short(old)} -> {short(new)})"
-    return None
-
-
 def check_previous(
     output_dir: Path, settings: dict, plans: list[_TaskPlan], model: dict, overwrite: bool
 ) -> dict | None:
     """The previous results to continue, None for a fresh run; raise on a configuration or model
-    mismatch. Reads only: nothing is written or removed here."""
-    results_file = output_dir / "results.json"
-    if overwrite:
-        return None
-    if not results_file.exists():
-        stray = [f.name for f in (samples_path(output_dir, p.task.name) for p in plans) if f.exists()]
-        if stray:
-            raise ResumeError(
-                f"{output_dir} has {', '.join(stray)} but no results.json, so their settings are unknown; pass "
-                "--overwrite to start again, or choose another --output-dir"
-            )
-        return None
-    previous = read_results(results_file)
-    if previous.get("format") != RESULTS_FORMAT:
-        raise ResumeError(f"{results_file} is not a nexus-retrofit results file; choose another --output-dir")
-    diff = _differences(previous.get("settings", {}), settings, NOT_OUTCOME_SETTINGS)
-    for plan in plans:
-        old = previous.get("tasks", {}).get(plan.task.name)
-        if old is not None:
-            diff += [
-                f"{plan.task.name}.{d}" for d in _differences(old.get("fingerprint", {}), plan.fingerprint)
-            ]
-    if diff:
-        raise ResumeError(
-            f"{output_dir} holds a run with different settings ({'; '.join(diff)}); resuming it would mix "
-            "configurations. Pass --overwrite to replace it, or choose another --output-dir"
-        )
-    changed = _model_changed(previous, model)
-    if changed:
-        raise ResumeError(
-            f"refusing to resume {results_file}: {changed}; its scores would be stale. Pass --overwrite to "
-            "start over, or choose another --output-dir"
-        )
-    for plan in plans:  # a malformed samples file is reported now, before any model is loaded
-        read_samples(samples_path(output_dir, plan.task.name), plan.num_samples, repair=False)
+    mismatch (resume.check_previous) or a malformed samples file. Reads only."""
+    previous = resume.check_previous(
+        output_dir,
+        settings,
+        {plan.task.name: plan.fingerprint for plan in plans},
+        [samples_path(output_dir, plan.task.name) for plan in plans],
+        model,
+        overwrite,
+        NOT_OUTCOME_SETTINGS,
+    )
+    if previous is not None:  # a malformed samples file is reported now, before any model is loaded
+        for plan in plans:
+            read_samples(samples_path(output_dir, plan.task.name), plan.num_samples, repair=False)
     return previous
 
 

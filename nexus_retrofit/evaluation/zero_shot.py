@@ -36,8 +36,9 @@ from ..safe_output import (
     remove_owned,
 )
 from .provenance import model_info, package_versions
-from .runner import DEFAULT_TASKS, RESULTS_FORMAT, _differences, _model_changed, _now, read_results
-from .samples import ResumeError, samples_path
+from .resume import RESULTS_FORMAT, check_previous
+from .runner import DEFAULT_TASKS, _now
+from .samples import samples_path
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
@@ -364,44 +365,6 @@ def _plan(name: str, task: LMEvalTask, limit: int | None, version: str) -> _Plan
     return _Plan(name, task, fingerprint, dataset)
 
 
-def _check_previous(
-    output_dir: Path, settings: dict, plans: list[_Plan], model: dict, overwrite: bool
-) -> dict | None:
-    """The previous results to continue, None for a fresh run; raise on a configuration or model
-    mismatch (reads only)."""
-    results_file = output_dir / "results.json"
-    if overwrite:
-        return None
-    if not results_file.exists():
-        stray = [f.name for f in (samples_path(output_dir, p.name) for p in plans) if f.exists()]
-        if stray:
-            raise ResumeError(
-                f"{output_dir} has {', '.join(stray)} but no results.json, so their settings are unknown; pass "
-                "--overwrite to start again, or choose another --output-dir"
-            )
-        return None
-    previous = read_results(results_file)
-    if previous.get("format") != RESULTS_FORMAT:
-        raise ResumeError(f"{results_file} is not a nexus-retrofit results file; choose another --output-dir")
-    diff = _differences(previous.get("settings", {}), settings, NOT_OUTCOME_SETTINGS)
-    for plan in plans:
-        old = previous.get("tasks", {}).get(plan.name)
-        if old is not None:
-            diff += [f"{plan.name}.{d}" for d in _differences(old.get("fingerprint", {}), plan.fingerprint)]
-    if diff:
-        raise ResumeError(
-            f"{output_dir} holds a run with different settings ({'; '.join(diff)}); resuming it would mix "
-            "configurations. Pass --overwrite to replace it, or choose another --output-dir"
-        )
-    changed = _model_changed(previous, model)
-    if changed:
-        raise ResumeError(
-            f"refusing to resume {results_file}: {changed}; its scores would be stale. Pass --overwrite to "
-            "start over, or choose another --output-dir"
-        )
-    return previous
-
-
 # ------------------------------------------------------------------------------------------ model
 def vllm_available() -> bool:
     import importlib.util
@@ -580,7 +543,11 @@ def _evaluate(settings: ZeroShotSettings, output_dir: Path, overwrite: bool, lm:
         check_no_collisions(output_dir, names.__contains__, "--output-dir")  # never replace another's file
     model = model_info(settings.model, settings.revision, settings.trust_remote_code)
     settings_dict = settings.to_dict()
-    previous = _check_previous(output_dir, settings_dict, plans, model, overwrite)
+    samples = [samples_path(output_dir, p.name) for p in plans]
+    fingerprints = {p.name: p.fingerprint for p in plans}
+    previous = check_previous(
+        output_dir, settings_dict, fingerprints, samples, model, overwrite, NOT_OUTCOME_SETTINGS
+    )
     finished = {
         p.name for p in plans if ((previous or {}).get("tasks", {}).get(p.name) or {}).get("complete")
     }

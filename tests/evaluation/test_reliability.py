@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nexus_retrofit.evaluation import EvalSettings, evaluate
-from nexus_retrofit.evaluation.runner import ResumeError
+from nexus_retrofit.evaluation.samples import ResumeError
 
 from .conftest import _tiny_qwen2
 

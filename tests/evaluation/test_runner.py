@@ -8,7 +8,7 @@ import re
 import pytest
 
 from nexus_retrofit.evaluation import MATH_PROMPT, EvalSettings, Task, evaluate, register_task, task_metrics
-from nexus_retrofit.evaluation.runner import ResumeError, read_samples
+from nexus_retrofit.evaluation.samples import ResumeError, read_samples
 
 from .conftest import MATH_ROWS, write_jsonl
 
